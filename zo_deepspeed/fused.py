@@ -1,0 +1,154 @@
+"""Fused in-place passes over one flat tensor: ``x <- a*x + sum_t c_t * z_t``.
+
+Every weight edit of the trainer (perturb, flip, restore, update, and the
+deferred update folded into the next perturbation) is one call of
+:func:`apply` per local piece: one read and one write of the piece, z
+regenerated on the fly from its counter-based stream, never stored.
+
+Two implementations of the same arithmetic:
+
+* compiled (``torch.compile``; C++/OpenMP on CPU, Triton on GPU): hash,
+  Box-Muller and the axpy fuse into one loop, so z never exists in memory;
+* eager: the same ops on ``chunk``-sized slices, for platforms without a
+  compiler and as the reference.
+
+Either way extra memory is bounded by one chunk (a few MB), never by the size
+of a parameter. Arithmetic is float32 whatever the storage dtype.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .rng import StreamKey, _sr_bits, _variates
+
+__all__ = ["Term", "apply", "default_chunk"]
+
+# 1 Mi elements: large enough that the per-call Python overhead (~20 us) is
+# noise next to the ~3 ms of work, small enough that eager temporaries (about a
+# dozen float32/int64 chunk-sized tensors, ~60 MB) stay far below a layer.
+default_chunk = 1 << 20
+_EAGER_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coef * z`` where z is the stream of ``key``."""
+
+    key: StreamKey
+    coef: float
+
+
+def _combine(v, idx, keys, coefs, gaussian):
+    for k, c in zip(keys, coefs):
+        v = v + c * _variates(idx, k, gaussian)
+    return v
+
+
+def _kernel_inplace(x, idx0, a, keys, coefs, gaussian: bool):
+    idx = idx0 + torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
+    v = _combine(x.to(torch.float32) * a, idx, keys, coefs, gaussian)
+    x.copy_(v)
+
+
+def _round_bf16_stochastic(v, idx, srkey):
+    # bf16 is the top half of float32: adding uniform noise to the low 16 bits
+    # and truncating rounds up with probability equal to the dropped fraction.
+    bits = v.view(torch.int32).to(torch.int64)
+    bits = (bits + _sr_bits(idx, srkey)) & ~0xFFFF
+    # back to int32 two's complement before re-viewing as float32
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    return bits.view(torch.float32)
+
+
+def _kernel_base(x, base, idx0, a, ukeys, ucoefs, pkeys, pcoefs, srkey, gaussian: bool, update: bool):
+    idx = idx0 + torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
+    b = base.to(torch.float32)
+    if update:
+        b = _combine(b * a, idx, ukeys, ucoefs, gaussian)
+        if srkey is not None:
+            b = _round_bf16_stochastic(b, idx, srkey)
+        base.copy_(b)
+        b = base.to(torch.float32)
+    x.copy_(_combine(b, idx, pkeys, pcoefs, gaussian))
+
+
+_compiled: dict[str, object] = {}
+
+
+def _get(name: str, fn, compiled: bool):
+    if not compiled:
+        return fn
+    if name not in _compiled:
+        # dynamic=True: one graph for every chunk length and offset instead of
+        # a recompile per distinct piece size.
+        _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[name]
+
+
+def compile_enabled(device: torch.device) -> bool:
+    """Default for ``compiled``: on unless ZO_DEEPSPEED_COMPILE=0."""
+    return os.environ.get("ZO_DEEPSPEED_COMPILE", "1") != "0"
+
+
+def apply(
+    x: torch.Tensor,
+    start: int,
+    terms: Sequence[Term] = (),
+    *,
+    scale: float = 1.0,
+    base: torch.Tensor | None = None,
+    base_terms: Sequence[Term] = (),
+    stochastic_round: StreamKey | None = None,
+    dist: str = "gaussian",
+    compiled: bool | None = None,
+    chunk: int | None = None,
+) -> None:
+    """One fused pass over the 1-D tensor ``x`` holding global elements [start, start+len(x)).
+
+    Without ``base``: ``x <- scale*x + sum(terms)``.
+
+    With ``base`` (a float32 master or a 16-bit backup of the same elements):
+    if ``base_terms`` or ``scale != 1``: ``base <- scale*base + sum(base_terms)``
+    (stochastically rounded when ``stochastic_round`` is given and base is
+    bf16); then ``x <- base + sum(terms)`` in x's dtype. ``x`` is only ever
+    written from ``base``, so restoring it is exact.
+    """
+    if x.dim() != 1:
+        raise ValueError("fused.apply expects a 1-D view")
+    n = x.shape[0]
+    if n == 0:
+        return
+    if base is not None and base.shape != x.shape:
+        raise ValueError(f"base shape {tuple(base.shape)} != piece shape {tuple(x.shape)}")
+    if compiled is None:
+        compiled = compile_enabled(x.device)
+    gaussian = dist == "gaussian"
+    dev = x.device
+    keys = [t.key.tensor(dev) for t in terms]
+    coefs = [torch.tensor(float(t.coef), dtype=torch.float32, device=dev) for t in terms]
+    a = torch.tensor(float(scale), dtype=torch.float32, device=dev)
+    step = chunk or (default_chunk if compiled else _EAGER_CHUNK)
+    if base is None:
+        if scale == 1.0 and not terms:
+            return
+        fn = _get("inplace", _kernel_inplace, compiled)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            idx0 = torch.tensor(start + s, dtype=torch.int64, device=dev)
+            fn(x[s:e], idx0, a, keys, coefs, gaussian)
+        return
+    update = bool(base_terms) or scale != 1.0
+    ukeys = [t.key.tensor(dev) for t in base_terms]
+    ucoefs = [torch.tensor(float(t.coef), dtype=torch.float32, device=dev) for t in base_terms]
+    srkey = None
+    if update and stochastic_round is not None and base.dtype == torch.bfloat16:
+        srkey = stochastic_round.tensor(dev)
+    fn = _get("base", _kernel_base, compiled)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        idx0 = torch.tensor(start + s, dtype=torch.int64, device=dev)
+        fn(x[s:e], base[s:e], idx0, a, ukeys, ucoefs, keys, coefs, srkey, gaussian, update)

@@ -1,0 +1,243 @@
+"""Where each rank's trainable elements live. The only module that reads DeepSpeed internals.
+
+A :class:`Piece` is a 1-D tensor view of elements this rank may edit in place,
+with the global flat index of its first element in the parameter. The trainer
+only ever sees pieces, so every layout below reduces to the same fused pass:
+
+* **replica** (no DeepSpeed, or ZeRO stage 0): one piece per parameter, the
+  whole ``p.data``; every rank applies the identical full update.
+* **ZeRO-3**: rank r owns flat elements ``[r*ps, min((r+1)*ps, numel))`` of the
+  parameter, stored at the start of ``p.ds_tensor`` (length ``ps``). The tail
+  beyond ``numel`` is padding with undefined contents: never a piece.
+* **ZeRO-3 + offload_param cpu**: same, ``ds_tensor`` lives in host memory; we
+  edit it there.
+* **ZeRO++ hpZ**: after the first gather, forwards gather from
+  ``p.ds_secondary_tensor`` (this rank's slice of the parameter within its
+  hpZ group), so that slice is a piece too. Every piece receives the same
+  elementwise edits from the same starting values, so the copies stay equal.
+* **persistent parameters** (``numel <= stage3_param_persistence_threshold``):
+  after a forward they stay gathered in ``p.data``, a separate full copy that
+  ignores ``ds_tensor`` edits at world size >= 2. :meth:`Partitions.editing`
+  releases them first (what DeepSpeed's own ZeRO-3 optimizer does before its
+  step); the next forward re-gathers the edited values.
+* **NVMe offload**: a swapped-out ``ds_tensor`` is a 0-dim placeholder; pieces
+  are swapped in in batches that fit DeepSpeed's swap buffers, edited, and
+  swapped out again.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+__all__ = ["Piece", "Partitions", "partitions_of", "check_ds_config", "gather_state_dict"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    key: str             # parameter name, the stream key
+    tensor: torch.Tensor  # 1-D view into storage this rank owns
+    start: int           # global flat index of tensor[0]
+    numel: int           # full parameter size
+    ndim: int            # full parameter rank (weight decay applies to ndim >= 2)
+    slot: str = "primary"  # "primary" | "secondary" (hpZ copy) | "replica"
+
+
+def _trainable(module: torch.nn.Module):
+    # named_parameters() de-duplicates tied weights (embedding/lm_head), so a
+    # tied tensor is perturbed once, under its first name.
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+class Partitions:
+    """Local pieces of a module, plus the edit protocol its layout needs."""
+
+    def __init__(self, module: torch.nn.Module, engine=None):
+        self.module = module
+        self.engine = engine
+        self.params = _trainable(module)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+        self.zero3 = any(hasattr(p, "ds_tensor") for _, p in self.params)
+        self.nvme = self.zero3 and any(getattr(p, "nvme_swapper", None) is not None for _, p in self.params)
+        self.hpz = self.zero3 and self._hpz_group_size() > 1
+        if self.hpz:
+            self._materialize_secondaries()
+
+    # -- layout ---------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        if not self.zero3:
+            return "replica"
+        return "zero3-nvme" if self.nvme else ("zero3-hpz" if self.hpz else "zero3")
+
+    def _hpz_group_size(self) -> int:
+        p = self.params[0][1]
+        return int(getattr(p, "ds_secondary_tensor_group_size", 1) or 1) if self.engine is not None and \
+            getattr(self.engine, "zero_hpz_partition_size", lambda: 1)() > 1 else 1
+
+    def _materialize_secondaries(self) -> None:
+        # Secondary (hpZ) copies are created lazily at the first release after a
+        # gather. Create them now, one module at a time, so that every copy a
+        # forward can read exists before the first edit and starts equal to the
+        # primary partition.
+        import deepspeed
+
+        for m in self.module.modules():
+            own = [p for p in m.parameters(recurse=False)]
+            if own:
+                with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+                    pass
+        for n, p in self.params:
+            if p.ds_secondary_tensor is None:
+                raise RuntimeError(f"ZeRO++ hpZ: no secondary partition for {n} after a gather")
+
+    def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
+        return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+    def _pieces_of(self, name: str, p: torch.nn.Parameter) -> list[Piece]:
+        shape = self.full_shape(p)
+        if not hasattr(p, "ds_tensor"):
+            return [Piece(name, p.data.view(-1), 0, p.numel(), len(shape), "replica")]
+        numel = p.ds_numel
+        ps = p.ds_tensor.ds_numel
+        rank = p.ds_zero_partition_rank if hasattr(p, "ds_zero_partition_rank") else \
+            torch.distributed.get_rank(group=p.ds_process_group)
+        start = rank * ps
+        n_valid = max(0, min(numel - start, ps))
+        out = [Piece(name, p.ds_tensor.data.view(-1)[:n_valid], start, numel, len(shape), "primary")]
+        if self.hpz:
+            sec = p.ds_secondary_tensor
+            ss = sec.ds_numel
+            r = torch.distributed.get_rank(group=p.ds_zero_param_process_group)
+            s_start = r * ss
+            s_valid = max(0, min(numel - s_start, ss))
+            out.append(Piece(name, sec.data.view(-1)[:s_valid], s_start, numel, len(shape), "secondary"))
+        return [pc for pc in out if pc.tensor.numel() > 0]
+
+    def local_numel(self) -> int:
+        """Elements this rank edits per pass (all pieces, hpZ copies included)."""
+        total = 0
+        for n, p in self.params:
+            if hasattr(p, "ds_tensor"):
+                numel, ps = p.ds_numel, p.ds_tensor.ds_numel
+                rank = torch.distributed.get_rank(group=p.ds_process_group)
+                total += max(0, min(numel - rank * ps, ps))
+            else:
+                total += p.numel()
+        return total
+
+    # -- edit protocol ----------------------------------------------------------
+    def _release_gathered(self) -> None:
+        # Persistent params keep a full gathered copy in p.data across forwards;
+        # release it so the next forward re-gathers from the edited partition.
+        if self.zero3 and self.engine is not None:
+            self.engine.optimizer.partition_all_parameters()
+
+    @contextmanager
+    def editing(self) -> Iterator[Iterator[Piece]]:
+        """Context yielding an iterator over pieces that are safe to edit in place.
+
+        Pieces must be consumed inside the context: with NVMe offload each
+        batch is swapped out (written back) before the next is swapped in.
+        """
+        self._release_gathered()
+        if self.nvme:
+            yield self._nvme_pieces()
+        else:
+            yield (pc for n, p in self.params for pc in self._pieces_of(n, p))
+
+    def _nvme_pieces(self) -> Iterator[Piece]:
+        from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+        swapper = next(p.nvme_swapper for _, p in self.params if p.nvme_swapper is not None)
+        swapper.synchronize_reads()
+        in_memory = [(n, p) for n, p in self.params if p.ds_tensor.final_location is None
+                     or p.ds_tensor.status == PartitionedParamStatus.AVAILABLE]
+        swapped = [(n, p) for n, p in self.params if (n, p) not in in_memory]
+        for n, p in in_memory:
+            yield from self._pieces_of(n, p)
+        # batch by what the swap buffers can hold
+        batch: list = []
+        for item in swapped + [None]:
+            full = item is None or len(batch) >= max(1, swapper.available_swap_in_buffers())
+            if batch and full:
+                params = [p for _, p in batch]
+                swapper.swap_in(params, async_op=False)
+                for n, p in batch:
+                    yield from self._pieces_of(n, p)
+                swapper.swap_out_and_release(params)
+                batch = []
+            if item is not None:
+                batch.append(item)
+
+
+def partitions_of(module: torch.nn.Module, engine=None) -> Partitions:
+    return Partitions(module, engine)
+
+
+def check_ds_config(cfg: dict) -> None:
+    """Refuse DeepSpeed settings a ZO trainer cannot honour; one line each, with the fix."""
+    if "optimizer" in cfg:
+        raise ValueError("ds_config has an 'optimizer' block: zeroth-order training uses none; "
+                         "delete the block (lr, eps and weight decay are set in the ZO config)")
+    if "scheduler" in cfg:
+        raise ValueError("ds_config has a 'scheduler' block: the ZO learning-rate schedule is set in the ZO config; "
+                         "delete the block")
+    zero = cfg.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage in (1, 2):
+        raise ValueError(f"zero_optimization.stage={stage} partitions optimizer state and gradients, which ZO "
+                         "training does not have; use stage 0 (replicas) or 3 (partitioned parameters)")
+    if stage not in (0, 3):
+        raise ValueError(f"zero_optimization.stage={stage} is not a ZeRO stage; use 0 or 3")
+    if zero.get("zero_quantized_weights"):
+        raise ValueError("zero_optimization.zero_quantized_weights quantizes each gathered weight to int8 with a "
+                         "step far larger than eps*z, which erases the perturbation; set it to false")
+    if zero.get("zero_quantized_nontrainable_weights"):
+        raise ValueError("zero_optimization.zero_quantized_nontrainable_weights is not supported; set it to false")
+    off = (zero.get("offload_param") or {}).get("device", "none")
+    if off not in ("none", "cpu", "nvme", None):
+        raise ValueError(f"zero_optimization.offload_param.device={off!r}; use none, cpu or nvme")
+    if off != "none" and off is not None and stage != 3:
+        raise ValueError("offload_param needs zero_optimization.stage=3; set stage 3 or remove offload_param")
+    if off == "nvme" and not (zero.get("offload_param") or {}).get("nvme_path"):
+        raise ValueError("offload_param.device=nvme needs offload_param.nvme_path (a directory on a fast local disk)")
+    hpz = int(zero.get("zero_hpz_partition_size", 1) or 1)
+    if hpz > 1 and stage != 3:
+        raise ValueError("zero_hpz_partition_size > 1 needs zero_optimization.stage=3")
+    if (cfg.get("fp16") or {}).get("enabled") and (cfg.get("bf16") or {}).get("enabled"):
+        raise ValueError("ds_config enables both fp16 and bf16; keep one")
+
+
+@torch.no_grad()
+def gather_state_dict(module: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU state dict of a (possibly ZeRO-3 partitioned) module.
+
+    Gathers one module's own parameters at a time, so no rank ever holds more
+    than the largest layer beyond what it already owns; only rank 0 keeps the
+    copies (other ranks return an empty dict) unless ``rank0_only`` is False.
+    Collective under ZeRO-3: call it on every rank.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    keep = rank == 0 or not rank0_only
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for mname, m in module.named_modules():
+        own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for _, p in own)
+        if hasattr(own[0][1], "ds_tensor"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+                if keep:
+                    for n, p in own:
+                        out[f"{mname}.{n}" if mname else n] = p.data.detach().cpu().clone()
+        elif keep:
+            for n, p in own:
+                out[f"{mname}.{n}" if mname else n] = p.data.detach().cpu().clone()
+    return out

@@ -1,0 +1,130 @@
+"""Counter-based perturbation streams: z as a pure function of (seed, key, index).
+
+Why not ``torch.manual_seed`` + ``torch.normal``: under ZeRO-3 a rank owns an
+arbitrary flat slice of each parameter, so z for an element must not depend on
+which rank generates it, in which order, or on which device. A counter-based
+hash gives exactly that, lets any slice ``[start, start+n)`` be generated
+without generating what comes before it, and never touches the global RNG.
+
+Stream specification (version 1; enough to re-implement it elsewhere)
+--------------------------------------------------------------------
+* ``M = 2**32 - 1``. ``mix32(x)`` is Chris Wellons' *lowbias32* finaliser on a
+  32-bit word::
+
+      x ^= x >> 16; x = (x * 0x7FEB352D) & M
+      x ^= x >> 15; x = (x * 0x846CA68B) & M
+      x ^= x >> 16
+
+* Lane keys. ``d = blake2b(f"{seed}/{key}".encode(), digest_size=24)`` where
+  ``seed`` is a non-negative integer written in decimal and ``key`` the
+  parameter's name (``model.layers.0.mlp.up_proj.weight``). The digest is read
+  as six little-endian uint32 words ``k[0..5]``. Lane ``l`` (0: first uniform,
+  1: second uniform, 2: stochastic-rounding noise) uses ``(k[2l], k[2l+1])``.
+* Word of lane ``l`` at flat index ``i`` (``0 <= i < 2**63``)::
+
+      word_l(i) = mix32(mix32((i & M) ^ k[2l]) ^ ((i >> 32) ^ k[2l+1]))
+
+* Gaussian (default): ``u1 = ((word_0 >> 8) + 1) * 2**-24`` in (0, 1],
+  ``u2 = (word_1 >> 8) * 2**-24`` in [0, 1), ``z = sqrt(-2 ln u1) * cos(2 pi u2)``
+  in float32 (Box-Muller, one variate per element so that elements stay
+  independent of their neighbours' positions).
+* Rademacher: ``z = 1 - 2 * (word_0 >> 31)``.
+* Stochastic-rounding noise (bf16 backup mode): ``word_2 & 0xFFFF``.
+
+The integer words are exact everywhere (eager, compiled CPU, Triton); the
+float transform can differ in the last ulp between implementations of
+``log``/``cos``, which is why tests compare the integer stream bit for bit and
+the variates to float32 rounding.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["StreamKey", "stream_key", "words", "variates", "DISTRIBUTIONS"]
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+_M = 0xFFFFFFFF
+_C1 = 0x7FEB352D
+_C2 = 0x846CA68B
+
+
+@dataclass(frozen=True)
+class StreamKey:
+    """The six 32-bit lane words of one (seed, parameter key) stream."""
+
+    words: tuple[int, int, int, int, int, int]
+
+    def tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(self.words, dtype=torch.int64, device=device)
+
+
+def stream_key(seed: int, key: str) -> StreamKey:
+    if seed < 0:
+        raise ValueError(f"stream seed must be non-negative, got {seed}")
+    d = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=24).digest()
+    return StreamKey(tuple(int.from_bytes(d[4 * j: 4 * j + 4], "little") for j in range(6)))
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for 0 <= x, c < 2**32 without int64 overflow: the full
+    # product can reach 2**64, and signed overflow is undefined behaviour in the
+    # C++ that inductor emits. Split c into 16-bit halves so every partial
+    # product stays below 2**48.
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _C2)
+    return x ^ (x >> 16)
+
+
+def _word(idx: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    # idx is int64 and non-negative, so >> is a logical shift here.
+    return _mix32(_mix32((idx & _M) ^ k0) ^ ((idx >> 32) ^ k1))
+
+
+_TWO_POW_M24 = 2.0 ** -24
+_TWO_PI = 2.0 * math.pi
+
+
+def _variates(idx: torch.Tensor, keys: torch.Tensor, gaussian: bool) -> torch.Tensor:
+    """float32 z at int64 indices ``idx`` for the lane words ``keys`` (int64 [6]).
+
+    Written with plain tensor ops so the same body runs eagerly and under
+    ``torch.compile`` (where it fuses into the caller's pointwise kernel).
+    """
+    w0 = _word(idx, keys[0], keys[1])
+    if not gaussian:
+        return 1.0 - 2.0 * (w0 >> 31).to(torch.float32)
+    w1 = _word(idx, keys[2], keys[3])
+    u1 = ((w0 >> 8) + 1).to(torch.float32) * _TWO_POW_M24
+    u2 = (w1 >> 8).to(torch.float32) * _TWO_POW_M24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
+
+
+def _sr_bits(idx: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return _word(idx, keys[4], keys[5]) & 0xFFFF
+
+
+def words(key: StreamKey, start: int, n: int, lane: int = 0, device="cpu") -> torch.Tensor:
+    """The raw uint32 words (as int64) of one lane for indices [start, start+n)."""
+    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    k = key.tensor(device)
+    return _word(idx, k[2 * lane], k[2 * lane + 1])
+
+
+def variates(key: StreamKey, start: int, n: int, dist: str = "gaussian", device="cpu") -> torch.Tensor:
+    """z[start:start+n] as float32 (eager; allocates n floats: for tests and references)."""
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {dist!r}; use one of {DISTRIBUTIONS}")
+    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    return _variates(idx, key.tensor(device), dist == "gaussian")

@@ -1,0 +1,136 @@
+"""Weight state of a ZO run as (theta, offset), and the one transition that edits it.
+
+The visible weights (what a forward reads) are always ``x = theta + offset``,
+where ``offset`` is the current perturbation, a short list of ``(seed, coef)``
+streams (``+eps z``, ``-eps z`` or nothing). A step is a sequence of
+transitions ``(update, new_offset)``: apply a pending update to theta, then
+show ``theta + new_offset``. Each transition is one fused pass per piece, so
+
+    MeZO:          +eps | -2eps | +eps (restore) | update      4 passes
+    fuse_update=0: +eps | -eps  | update+restore               3 passes
+    fuse_update=1: update(t-1)+restore+eps | -eps             2 passes
+
+How theta is held depends on ``restore``:
+
+* inplace: theta is not stored; ``x <- a*x - a*offset + update + new_offset``.
+  Exact in exact arithmetic, drifts by rounding (badly in 16 bit).
+* master: float32 copy of theta; ``x <- cast(theta + new_offset)``; restore
+  is exact and the update accumulates in float32.
+* backup: a copy of theta in the partition dtype; exact restore; the update
+  is stochastically rounded (bf16) so small updates are not lost on average.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .fused import Term, apply
+from .partitions import Partitions
+from .rng import stream_key
+
+__all__ = ["Update", "WeightState", "derive_seed", "resolve_restore"]
+
+Stream = tuple[int, float]  # (seed, coefficient)
+
+
+def derive_seed(run_seed: int, step: int, j: int) -> int:
+    """Seed of perturbation j of step ``step``: 63 bits of blake2b("run/step/j")."""
+    d = hashlib.blake2b(f"{run_seed}/{step}/{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") >> 1
+
+
+@dataclass(frozen=True)
+class Update:
+    """theta <- (1 - decay) * theta + sum(coef * z_seed); decay applies to ndim >= 2 pieces only."""
+
+    decay: float
+    terms: tuple[Stream, ...]
+
+
+def resolve_restore(restore: str, dtype: torch.dtype) -> str:
+    if restore == "auto":
+        return "inplace" if dtype == torch.float32 else "master"
+    if restore == "backup" and dtype == torch.float16:
+        raise ValueError("zo.restore=backup rounds updates stochastically only for bf16/fp32 partitions; "
+                         "use zo.restore=master with fp16")
+    return restore
+
+
+def _merge(terms: Sequence[Stream]) -> list[Stream]:
+    out: dict[int, float] = {}
+    for s, c in terms:
+        out[s] = out.get(s, 0.0) + c
+    return [(s, c) for s, c in out.items() if c != 0.0]
+
+
+class WeightState:
+    """theta + offset over the local pieces of one model."""
+
+    def __init__(self, parts: Partitions, restore: str = "auto", dist: str = "gaussian",
+                 compiled: bool = True, base_device: str = "same"):
+        self.parts = parts
+        dtype = parts.params[0][1].dtype
+        self.restore = resolve_restore(restore, dtype)
+        self.dist = dist
+        self.compiled = compiled
+        self.base_device = base_device
+        self.offset: list[Stream] = []
+        self.bases: dict[tuple[str, str], torch.Tensor] = {}
+        if self.restore != "inplace":
+            with parts.editing() as it:
+                for pc in it:
+                    dev = pc.tensor.device if base_device == "same" else torch.device("cpu")
+                    bdt = torch.float32 if self.restore == "master" else pc.tensor.dtype
+                    self.bases[(pc.key, pc.slot)] = pc.tensor.detach().to(device=dev, dtype=bdt, copy=True)
+
+    def base_bytes(self) -> int:
+        """Extra memory this rank spends on master/backup copies."""
+        return sum(b.numel() * b.element_size() for b in self.bases.values())
+
+    def transition(self, update: Update | None, offset: Sequence[Stream]) -> None:
+        """Apply ``update`` to theta, then make the visible weights theta + ``offset``."""
+        offset = list(offset)
+        if update is None and offset == self.offset:
+            return
+        with self.parts.editing() as pieces:
+            for pc in pieces:
+                self._edit(pc, update, offset)
+        self.offset = offset
+
+    def _edit(self, pc, update: Update | None, offset: list[Stream]) -> None:
+        decay = update.decay if (update is not None and pc.ndim >= 2) else 0.0
+        a = 1.0 - decay
+        upd = list(update.terms) if update is not None else []
+        keys = lambda streams: [Term(stream_key(s, pc.key), c) for s, c in streams]  # noqa: E731
+        if self.restore == "inplace":
+            terms = _merge([(s, -a * c) for s, c in self.offset] + upd + offset)
+            apply(pc.tensor, pc.start, keys(terms), scale=a, dist=self.dist, compiled=self.compiled)
+            return
+        base = self.bases[(pc.key, pc.slot)]
+        sr = None
+        if self.restore == "backup" and upd:
+            # noise for rounding keyed by the first update seed: deterministic,
+            # world-size invariant, different every step
+            sr = stream_key(upd[0][0], pc.key)
+        if base.device == pc.tensor.device:
+            apply(pc.tensor, pc.start, keys(offset), scale=a, base=base, base_terms=keys(upd),
+                  stochastic_round=sr, dist=self.dist, compiled=self.compiled)
+            return
+        # base in host memory, partition on the accelerator: stream it through
+        # in bounded chunks (this is the 4 B/param-in-CPU-RAM trade-off).
+        step = 1 << 22
+        n = pc.tensor.numel()
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            b = base[s:e].to(pc.tensor.device)
+            apply(pc.tensor[s:e], pc.start + s, keys(offset), scale=a, base=b, base_terms=keys(upd),
+                  stochastic_round=sr, dist=self.dist, compiled=self.compiled)
+            if upd or a != 1.0:
+                base[s:e].copy_(b)
+
+    def write_back(self) -> None:
+        """Make the partition hold theta exactly (drop any offset)."""
+        self.transition(None, [])

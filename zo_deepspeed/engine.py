@@ -7,7 +7,6 @@ loss scalars cross ranks: one all-reduce per step.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +109,7 @@ class ZOEngine:
         if self.world_size == 1:
             return t
         # the step's only collective besides the forwards' gathers; a host sync point
-        dev = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        dev = torch.device("cpu") if torch.distributed.get_backend() == "gloo" else self.device
         buf = t.to(dev)
         torch.distributed.all_reduce(buf)
         return buf.cpu()
@@ -173,18 +172,6 @@ class ZOEngine:
         return float(t[0] / t[1])
 
 
-def _load_ds_config(config) -> dict:
-    if isinstance(config, (str, Path)):
-        p = Path(config)
-        if not p.exists():
-            raise FileNotFoundError(f"ds_config {p} does not exist; pass a JSON file (see ds_configs/)")
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"ds_config {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    return dict(config)
-
-
 def _fill_batch(cfg: dict, world_size: int) -> dict:
     # Batch sizes are DeepSpeed bookkeeping here (we never call engine.step);
     # fill them so that tbs = micro * gas * world holds.
@@ -214,7 +201,9 @@ def initialize(model, config: dict | str | Path | None = None, zo: ZOConfig | No
         return ZOEngine(m, zo, None, loss_fn, trajectory)
     import deepspeed
 
-    cfg = _load_ds_config(config)
+    from .ds_config import load_ds_config
+
+    cfg = load_ds_config(config)
     check_ds_config(cfg)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         deepspeed.init_distributed(dist_backend=None)

@@ -72,8 +72,10 @@ class TrainConfig:
     """Global batch (examples per step over all ranks; must divide evenly by world size x grad_accum)."""
     grad_accum: int = 1
     """Micro-batches per rank per step (same z for all)."""
-    objective: str = "loss"
-    """What g estimates: loss (cross-entropy on the option/answer tokens) or accuracy (trains on -accuracy / -F1)."""
+    objective: str = "auto"
+    """What g estimates. loss: LM cross-entropy on the gold option/answer tokens. choice: cross-entropy of the
+    gold option among the candidates (softmax over their log-likelihoods; classification). accuracy: -accuracy
+    of candidate scoring (non-differentiable). auto: choice for classification tasks, loss otherwise."""
     eval_every: int = 0
     """Evaluate on dev every K steps (0: only zero-shot and final)."""
     eval_batch_size: int = 32
@@ -92,8 +94,8 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 0, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
             raise ValueError("train.batch_size, train.grad_accum and train.eval_batch_size must be >= 1")
-        if self.objective not in ("loss", "accuracy"):
-            raise ValueError(f"train.objective={self.objective!r}; use loss or accuracy")
+        if self.objective not in ("auto", "loss", "choice", "accuracy"):
+            raise ValueError(f"train.objective={self.objective!r}; use auto, loss, choice or accuracy")
         if self.eval_every < 0 or self.save_every < 0:
             raise ValueError("train.eval_every and train.save_every must be >= 0")
 

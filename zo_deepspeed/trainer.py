@@ -135,16 +135,19 @@ class Trainer:
                                    k_per_class=cfg.data.k_per_class or None)
         if not self.splits["train"] and cfg.train.steps > 0:
             raise ValueError(f"task {cfg.data.task} has no training examples")
-        if cfg.train.objective == "accuracy" and self.task.kind != "classification":
-            raise ValueError("train.objective=accuracy trains on -accuracy of candidate scoring: classification "
-                             "tasks only; use train.objective=loss for generation tasks")
+        self.objective = cfg.train.objective
+        if self.objective == "auto":
+            self.objective = "choice" if self.task.kind == "classification" else "loss"
+        if self.objective in ("accuracy", "choice") and self.task.kind != "classification":
+            raise ValueError(f"train.objective={self.objective} scores candidates: classification tasks only; "
+                             "use train.objective=loss for generation tasks")
         self.model_path = resolve_model_path(cfg.model.path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.ds_config = build_ds_config(cfg, self.world, None if eval_only else self.run_dir)
         dtype = getattr(torch, cfg.model.dtype)
         from transformers import AutoModelForCausalLM
 
-        loss_fn = causal_lm_loss if cfg.train.objective == "loss" else self._neg_accuracy
+        loss_fn = {"loss": causal_lm_loss, "choice": self._choice_loss, "accuracy": self._neg_accuracy}[self.objective]
         self.engine: ZOEngine = initialize(
             lambda: AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype), self.ds_config, cfg.zo,
             loss_fn=loss_fn, trajectory=None)
@@ -202,7 +205,7 @@ class Trainer:
         micro = []
         for chunk in torch.tensor_split(torch.arange(len(examples)), t.grad_accum):
             exs = [examples[i] for i in chunk.tolist()]
-            if t.objective == "loss":
+            if self.objective == "loss":
                 micro.append(self._encode(exs))
             else:
                 micro.append({"examples": exs})
@@ -229,6 +232,20 @@ class Trainer:
         preds, _ = score_candidates(forward, self.tokenizer, exs, self.cfg.data.max_length, batch_size=len(exs))
         correct = sum(int(p == ex.label) for p, ex in zip(preds, exs))
         return torch.tensor(-float(correct), dtype=torch.float64), torch.tensor(float(len(exs)), dtype=torch.float64)
+
+    def _choice_loss(self, forward, batch):
+        # Cross-entropy of the gold candidate among all candidates, from their mean token NLLs: pushes the
+        # right option above the wrong ones (what accuracy measures) rather than raising every option's
+        # likelihood. No autograd needed, so the scorer's Python floats are fine.
+        from .tasks import score_candidates
+
+        exs = batch["examples"]
+        _, losses = score_candidates(forward, self.tokenizer, exs, self.cfg.data.max_length, batch_size=len(exs))
+        total = 0.0
+        for ex, nll in zip(exs, losses):
+            logits = -torch.tensor(nll, dtype=torch.float64)
+            total += float(-torch.log_softmax(logits, 0)[ex.label])
+        return torch.tensor(total, dtype=torch.float64), torch.tensor(float(len(exs)), dtype=torch.float64)
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ZOConfig
-from .partitions import Partitions, check_ds_config
+from .partitions import Partitions
 from .trajectory import FORMAT, StepRecord, TrajectoryLog, read_log
 from .update import Update, WeightState, derive_seed
 
@@ -201,13 +201,13 @@ def initialize(model, config: dict | str | Path | None = None, zo: ZOConfig | No
         return ZOEngine(m, zo, None, loss_fn, trajectory)
     import deepspeed
 
-    from .ds_config import load_ds_config
+    from .ds_config import load_ds_config, validate_ds_config
 
     cfg = load_ds_config(config)
-    check_ds_config(cfg)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         deepspeed.init_distributed(dist_backend=None)
     cfg = _fill_batch(cfg, torch.distributed.get_world_size())
+    validate_ds_config(cfg, world_size=torch.distributed.get_world_size())
     keepalive = None
     if callable(model) and not isinstance(model, torch.nn.Module):
         stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))

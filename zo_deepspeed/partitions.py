@@ -32,7 +32,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Piece", "Partitions", "partitions_of", "check_ds_config", "gather_state_dict", "iter_full_params"]
+__all__ = ["Piece", "Partitions", "partitions_of", "gather_state_dict", "iter_full_params"]
 
 
 @dataclass(frozen=True)
@@ -176,40 +176,6 @@ class Partitions:
 
 def partitions_of(module: torch.nn.Module, engine=None) -> Partitions:
     return Partitions(module, engine)
-
-
-def check_ds_config(cfg: dict) -> None:
-    """Refuse DeepSpeed settings a ZO trainer cannot honour; one line each, with the fix."""
-    if "optimizer" in cfg:
-        raise ValueError("ds_config has an 'optimizer' block: zeroth-order training uses none; "
-                         "delete the block (lr, eps and weight decay are set in the ZO config)")
-    if "scheduler" in cfg:
-        raise ValueError("ds_config has a 'scheduler' block: the ZO learning-rate schedule is set in the ZO config; "
-                         "delete the block")
-    zero = cfg.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0))
-    if stage in (1, 2):
-        raise ValueError(f"zero_optimization.stage={stage} partitions optimizer state and gradients, which ZO "
-                         "training does not have; use stage 0 (replicas) or 3 (partitioned parameters)")
-    if stage not in (0, 3):
-        raise ValueError(f"zero_optimization.stage={stage} is not a ZeRO stage; use 0 or 3")
-    if zero.get("zero_quantized_weights"):
-        raise ValueError("zero_optimization.zero_quantized_weights quantizes each gathered weight to int8 with a "
-                         "step far larger than eps*z, which erases the perturbation; set it to false")
-    if zero.get("zero_quantized_nontrainable_weights"):
-        raise ValueError("zero_optimization.zero_quantized_nontrainable_weights is not supported; set it to false")
-    off = (zero.get("offload_param") or {}).get("device", "none")
-    if off not in ("none", "cpu", "nvme", None):
-        raise ValueError(f"zero_optimization.offload_param.device={off!r}; use none, cpu or nvme")
-    if off != "none" and off is not None and stage != 3:
-        raise ValueError("offload_param needs zero_optimization.stage=3; set stage 3 or remove offload_param")
-    if off == "nvme" and not (zero.get("offload_param") or {}).get("nvme_path"):
-        raise ValueError("offload_param.device=nvme needs offload_param.nvme_path (a directory on a fast local disk)")
-    hpz = int(zero.get("zero_hpz_partition_size", 1) or 1)
-    if hpz > 1 and stage != 3:
-        raise ValueError("zero_hpz_partition_size > 1 needs zero_optimization.stage=3")
-    if (cfg.get("fp16") or {}).get("enabled") and (cfg.get("bf16") or {}).get("enabled"):
-        raise ValueError("ds_config enables both fp16 and bf16; keep one")
 
 
 @torch.no_grad()

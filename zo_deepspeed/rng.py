@@ -8,12 +8,15 @@ without generating what comes before it, and never touches the global RNG.
 
 Stream specification (version 1; enough to re-implement it elsewhere)
 --------------------------------------------------------------------
-* ``M = 2**32 - 1``. ``mix32(x)`` is Chris Wellons' *lowbias32* finaliser on a
-  32-bit word::
+* ``M = 2**32 - 1``. ``mix32(x)`` is the 32-bit finaliser found by Chris
+  Wellons' hash-prospector (the one splitmix32 uses), on a 32-bit word::
 
-      x ^= x >> 16; x = (x * 0x7FEB352D) & M
-      x ^= x >> 15; x = (x * 0x846CA68B) & M
-      x ^= x >> 16
+      x ^= x >> 16; x = (x * 0x21F0AAAD) & M
+      x ^= x >> 15; x = (x * 0x735A2D97) & M
+      x ^= x >> 15
+
+  Both multipliers are below 2**31, so every product of a 32-bit word fits
+  in a signed 64-bit integer: no overflow in any implementation.
 
 * Lane keys. ``d = blake2b(f"{seed}/{key}".encode(), digest_size=24)`` where
   ``seed`` is a non-negative integer written in decimal and ``key`` the
@@ -48,8 +51,8 @@ __all__ = ["StreamKey", "stream_key", "words", "variates", "DISTRIBUTIONS"]
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 _M = 0xFFFFFFFF
-_C1 = 0x7FEB352D
-_C2 = 0x846CA68B
+_C1 = 0x21F0AAAD
+_C2 = 0x735A2D97
 
 
 @dataclass(frozen=True)
@@ -69,22 +72,14 @@ def stream_key(seed: int, key: str) -> StreamKey:
     return StreamKey(tuple(int.from_bytes(d[4 * j: 4 * j + 4], "little") for j in range(6)))
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2**32 for 0 <= x, c < 2**32 without int64 overflow: the full
-    # product can reach 2**64, and signed overflow is undefined behaviour in the
-    # C++ that inductor emits. Split c into 16-bit halves so every partial
-    # product stays below 2**48.
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _M
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # x < 2**32 and the multipliers < 2**31: products < 2**63, so int64 never
+    # overflows (signed overflow would be undefined in inductor's C++).
     x = x ^ (x >> 16)
-    x = _mul32(x, _C1)
+    x = (x * _C1) & _M
     x = x ^ (x >> 15)
-    x = _mul32(x, _C2)
-    return x ^ (x >> 16)
+    x = (x * _C2) & _M
+    return x ^ (x >> 15)
 
 
 def _word(idx: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:

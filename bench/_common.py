@@ -20,6 +20,38 @@ from pathlib import Path
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+
+def _argv_threads() -> str | None:
+    for i, a in enumerate(sys.argv):
+        if a == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return None
+
+
+# --threads N must reach OpenMP before torch is imported (inductor's kernels use omp's own count)
+THREADS = _argv_threads()
+if THREADS:
+    os.environ["OMP_NUM_THREADS"] = THREADS
+    os.environ["MKL_NUM_THREADS"] = THREADS
+
+
+def add_threads_arg(ap) -> None:
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch/OpenMP threads (default: torch's default, one per core). On a machine shared with "
+                         "other jobs, 1 thread leaves a core to them and gives far steadier timings.")
+
+
+def apply_threads(args) -> str:
+    """Set torch threads from --threads; returns the RESULTS.md section suffix ('' or '-t1')."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        return f"-t{args.threads}"
+    return ""
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
@@ -101,7 +133,7 @@ def _cpu_busy(window: float) -> float:
     return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
-QUIET = {"threshold": 0.3, "max_wait": 8.0, "window": 0.25}
+QUIET = {"threshold": 0.3, "max_wait": 3.0, "window": 0.25}
 quiet_stats = {"calls": 0, "quiet": 0, "waited_s": 0.0}
 
 
@@ -182,12 +214,22 @@ def machine() -> dict:
         ds = f"unavailable ({type(e).__name__})"
     import transformers
 
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
+    # nproc honours OMP_NUM_THREADS, which --threads sets: ask it without
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True, env=env).stdout.strip() or str(os.cpu_count())
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:  # the library changes while benchmarks run: record which code was measured
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "zo_deepspeed"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip()
+        lib = f"{head}{' + uncommitted changes in zo_deepspeed/' if dirty else ''}"
+    except OSError:
+        lib = "unknown"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "nproc": nproc, "cpu": cpu,
             "mem_gb": f"{mem_gb:.0f}", "torch": torch.__version__, "deepspeed": ds,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "load": "%.1f %.1f %.1f" % os.getloadavg()}
+            "threads": torch.get_num_threads(), "load": "%.1f %.1f %.1f" % os.getloadavg(), "library": lib}
 
 
 def command_line() -> str:
@@ -219,6 +261,7 @@ def write_section(name: str, title: str, body: str, command: str | None = None, 
             f"at end {'%.1f %.1f %.1f' % os.getloadavg()} (other jobs share this machine)\n"
             f"- versions: torch {info['torch']}, deepspeed {info['deepspeed']}, "
             f"transformers {info['transformers']}, python {info['python']}\n"
+            f"- library: zo_deepspeed at commit {info.get('library', 'unknown')}\n"
             f"- command: `{command}`\n\n")
     block = f"<!-- BEGIN {name} -->\n{head}{body.rstrip()}\n<!-- END {name} -->\n"
     text = RESULTS.read_text() if RESULTS.exists() else (

@@ -19,14 +19,13 @@ Variants, timed interleaved (order rotated every repeat), medians reported:
 fp32 and bf16 (the bf16 model is the fp32 one cast). Signs alternate between repeats so
 the weights do not random-walk. The goal is reference/fused >= 2x.
 
-Workaround: this script raises torch._dynamo.config.recompile_limit to 64. fused.apply
-compiles two graphs per (dtype, number of terms, dist) -- one for parameters viewed from
-a 2-D base and one from a 1-D base -- and all of them count against the default limit of
-8 on the one code object; with fullgraph=True the 9th is a hard error
-(FailOnRecompileLimitHit). Here fp32 x {1, 2 terms, rademacher} + bf16 x {1, 2 terms,
-rademacher} = 12 graphs. See bench/README.md.
+This script raises torch._dynamo.config.recompile_limit to 64: fp32 x {1, 2 terms,
+rademacher} + bf16 x the same is 12 graphs of one code object (two per combination: views
+of 1-D and 2-D parameters), over dynamo's default 8, a hard error with fullgraph=True in
+the initial library commit (the library raises the limit itself since 138b0c7). See
+bench/README.md.
 
-    TORCHINDUCTOR_COMPILE_THREADS=1 python bench/perturb_pass.py [--repeats 5]
+    TORCHINDUCTOR_COMPILE_THREADS=1 python bench/perturb_pass.py [--repeats 7] [--threads 1]
 """
 from __future__ import annotations
 
@@ -86,7 +85,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: 30, the real shape)")
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    C.add_threads_arg(ap)
     args = ap.parse_args()
+    suffix = C.apply_threads(args)
 
     torch._dynamo.config.recompile_limit = 64  # see the module docstring
     info = C.machine()
@@ -149,12 +150,15 @@ def main() -> None:
     body = (f"SmolLM2-135M-shaped Llama, random init, {numel / 1e6:.1f} M elements (tied embedding once), "
             f"{args.repeats} interleaved repeats after one warm-up each; medians. "
             "`reference / this` > 1 means faster than the MeZO reference; goal for the fused compiled pass: >= 2x. "
-            "CPU ns/el = process CPU time (both threads) per element: robust to other jobs taking a core. "
+            "CPU ns/el = process CPU time of all threads per element: with 2 threads it includes OpenMP "
+            "spin-waiting while a thread is descheduled by other jobs; with --threads 1 there is none, and it is the "
+            "statistic least affected by other jobs on this shared machine. "
             + C.quiet_note() + " The wall min is the least-disturbed wall-time estimate on this shared machine.\n\n"
             + t1 + "\n\nPer-step weight-edit cost of the whole model, derived from the per-pass statistics (MeZO: +eps, -2eps, +eps, update; "
             "ZO inplace: the update and restore of step t-1 ride in step t's first pass):\n\n" + t2 + "\n")
     if not args.no_write:
-        C.write_section("perturb_pass", "perturb_pass.py: one perturbation pass over all parameters", body, info=info)
+        C.write_section("perturb_pass" + suffix, "perturb_pass.py: one perturbation pass over all parameters"
+                        + (f" ({args.threads} thread)" if args.threads else ""), body, info=info)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,17 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 run() { echo "+ $*"; "$@"; }
-# libaio: DeepSpeed JIT-builds its async_io op from it for NVMe offload (ZeRO-Infinity)
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >/dev/null 2>&1; then
-  run apt-get install -y -q libaio-dev || { run apt-get update -q && run apt-get install -y -q libaio-dev; }
+# Debian packages: libaio-dev (DeepSpeed JIT-builds its async_io op from it for NVMe offload,
+# ZeRO-Infinity) and shellcheck (tests/test_launchers.py lints launch/). The SLURM test's
+# slurm-wlm and munge are installed by ../shared/slurm/local-cluster.sh when it starts the cluster.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for pkg in libaio-dev shellcheck; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    run apt-get install -y -q "${missing[@]}" || { run apt-get update -q && run apt-get install -y -q "${missing[@]}"; }
+  fi
 fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   run "$PYTHON" -m pip install -q "$TORCH_SPEC"

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_ds_config", "validate_ds_config", "fill_auto", "AUTO_KEYS", "TOP_LEVEL_KEYS", "ZERO_KEYS",
+__all__ = ["load_ds_config", "validate_ds_config", "fill_auto", "fill_placeholders", "AUTO_KEYS", "TOP_LEVEL_KEYS", "ZERO_KEYS",
            "OFFLOAD_PARAM_KEYS", "REMOVED_TOP_LEVEL_KEYS"]
 
 AUTO = "auto"
@@ -194,6 +194,15 @@ def fill_auto(cfg: dict, micro_batch: int, grad_accum: int, world_size: int, *,
             out[k] = v
         elif out[k] != v:
             raise _err(f"ds_config {k}={out[k]!r} but {src[k]}; set {k} to \"auto\" (or {v})")
+    return fill_placeholders(out, gpus_per_node=gpus_per_node, nvme_path=nvme_path)
+
+
+def fill_placeholders(cfg: dict, *, gpus_per_node: int | None = None, nvme_path: str | Path | None = None) -> dict:
+    """A copy of ``cfg`` with the non-batch "auto" values filled (the part of :func:`fill_auto`
+    that needs no trainer settings): ``zero_hpz_partition_size`` from ``gpus_per_node`` or the
+    launcher's ``LOCAL_SIZE``/``LOCAL_WORLD_SIZE``, ``offload_param.nvme_path`` from ``nvme_path``
+    or ``$ZO_NVME_PATH``."""
+    out = load_ds_config(cfg)
     zero = out.get("zero_optimization")
     if isinstance(zero, dict):
         if zero.get("zero_hpz_partition_size") == AUTO:

@@ -154,8 +154,12 @@ def child(spec: dict) -> dict:
     return out
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, mmap_threshold: int | None = None) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if mmap_threshold:
+        # glibc: serve every allocation >= this from its own mmap, returned to the OS on free, so RSS
+        # follows live memory instead of what the heap keeps cached (fixed threshold, no dynamic growth)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                        env=env)
     if p.returncode != 0:
@@ -169,6 +173,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false")
+    ap.add_argument("--mmap-threshold", type=int, default=None,
+                    help="set MALLOC_MMAP_THRESHOLD_ in the children (e.g. 1048576): peaks then track live memory "
+                         "rather than the glibc heap's caching; results go to section memory-mmap<N>")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -186,7 +193,7 @@ def main() -> None:
                  ("bfloat16", "infer loss *", None), ("bfloat16", "zo step *", "inplace")]
     res = {}
     for dt, w, restore in plan:
-        r = run_child(dict(common, dtype=dt, workload=w, restore=restore))
+        r = run_child(dict(common, dtype=dt, workload=w, restore=restore), args.mmap_threshold)
         res[(dt, w, restore)] = r
         print(f"{dt:9s} {w:15s} {restore or '':8s} build {r['rss_build'] / MiB:7.0f} MiB  raw peak "
               f"{r['maxrss_raw'] / MiB:7.0f}  steady peak {r['maxrss_steady'] / MiB:7.0f} "
@@ -236,8 +243,14 @@ def main() -> None:
             "of the same dtype. Goal: ZO step <= 1.05 x inference. Rows marked * use the proposed `chunked_lm_loss` "
             "of bench/memory.py instead of the library's `causal_lm_loss` (passed to initialize as loss_fn).\n\n"
             + t + "\n")
+    if args.mmap_threshold:
+        body = (f"Children run with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}: every allocation of that size or "
+                "more is its own mmap, unmapped on free, so the peaks follow live memory, not the heap's cache. "
+                + body)
     if not args.no_write:
-        C.write_section("memory", "memory.py: peak memory, ZO step vs inference", body, info=info)
+        suffix = f"-mmap{args.mmap_threshold}" if args.mmap_threshold else ""
+        C.write_section("memory" + suffix, "memory.py: peak memory, ZO step vs inference"
+                        + (f" (MALLOC_MMAP_THRESHOLD_={args.mmap_threshold})" if suffix else ""), body, info=info)
 
 
 if __name__ == "__main__":

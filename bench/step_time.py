@@ -199,6 +199,8 @@ def main() -> None:
         worker(args.worker)
         return
     suffix = C.apply_threads(args)
+    if (args.batch, args.seq) != (8, 128):
+        suffix += f"-b{args.batch}x{args.seq}"  # a batch-size sweep keeps the default section
 
     info = C.machine()
     print(info)

@@ -81,10 +81,12 @@ def tiny_lm_dir(tmp_path_factory):
     return root
 
 
-def run_cli(args: list[str], world: int = 1, cwd=None, timeout: int = 900, check: bool = True):
-    """``zo-deepspeed`` as a user runs it: plain python (world 1) or the deepspeed launcher."""
+def run_cli(args: list[str], world: int = 1, cwd=None, timeout: int = 900, check: bool = True,
+            env: dict | None = None):
+    """``zo-deepspeed`` as a user runs it: plain python (world 1) or the deepspeed launcher.
+    ``env``: extra environment variables (e.g. ZO_DEEPSPEED_FAULT for the crash tests)."""
     env = dict(os.environ, OMP_NUM_THREADS="1" if world > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     if world == 1:
         cmd = [sys.executable, "-m", "zo_deepspeed", *args]
     else:
@@ -102,16 +104,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_ranks(world: int, scenarios: list[dict], workdir: Path, timeout: int = 900) -> None:
-    """Run tests/dist/run_zo.py on `world` real DeepSpeed ranks via the deepspeed launcher."""
+def launch_ranks(world: int, scenarios: list[dict], workdir: Path, timeout: int = 900,
+                 worker: str = "run_zo.py") -> None:
+    """Run tests/dist/<worker> (default run_zo.py) on `world` real DeepSpeed ranks via the deepspeed launcher."""
     spec = workdir / f"spec_w{world}.json"
     spec.write_text(json.dumps({"scenarios": scenarios}))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    port = _free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-           "--master_port", str(_free_port()), str(REPO / "tests/dist/run_zo.py"), "--spec", str(spec)]
+           "--master_port", str(port), str(REPO / "tests/dist" / worker), "--spec", str(spec)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=workdir)
     if p.returncode != 0:
         raise AssertionError(f"deepspeed launch failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
+    # zo_deepspeed.initialize unlinks DeepSpeed's CPU shm all-reduce buffers (which DeepSpeed leaks):
+    # none of this launch's may remain in /dev/shm
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for f in leaked:
+        f.unlink(missing_ok=True)
+    assert not leaked, f"leaked DeepSpeed shm buffers: {[f.name for f in leaked]}"
 
 
 @pytest.fixture

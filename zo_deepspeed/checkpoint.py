@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .faults import crash_point
 from .partitions import iter_full_params
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_hf", "atomic_write_text",
-           "CheckpointMismatch", "CheckpointInfo"]
+           "model_fingerprint", "CheckpointMismatch", "CheckpointInfo"]
 
 
 class CheckpointMismatch(RuntimeError):
@@ -111,6 +112,7 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None) -> Path:
         for (key, slot), b in engine.state.bases.items():
             tensors[f"base:{slot}|{key}"] = b.detach().cpu().clone()
         digest = _save_tensors(tensors, tmp / _rank_file(rank, world))
+    crash_point("ckpt_files", step)
     digests = [None] * world
     if torch.distributed.is_initialized() and world > 1:
         torch.distributed.all_gather_object(digests, digest)
@@ -121,20 +123,29 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None) -> Path:
                  "files": {(_rank_file(r, world)): d for r, d in enumerate(digests) if d is not None},
                  "extra": extra or {}}
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+        crash_point("ckpt_rename", step)
+        # `final` exists only when this step is saved again (after a resume); a crash between these
+        # two lines leaves `latest` naming a missing folder, and latest_checkpoint falls back
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(root)
+        crash_point("ckpt_latest", step)
         atomic_write_text(root / "latest", final.name)
     _barrier()
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names; if that folder is gone (deleted as corrupt, or a crash while the
+    same step was being saved again), the newest complete ``step_*`` folder. Temp folders never count."""
     p = Path(run_dir) / "checkpoints" / "latest"
     if not p.exists():
         return None
     ck = p.parent / p.read_text().strip()
-    return ck if (ck / "state.json").exists() else None
+    if (ck / "state.json").exists():
+        return ck
+    done = sorted(d for d in p.parent.glob("step_*") if (d / "state.json").exists())
+    return done[-1] if done else None
 
 
 def load_checkpoint(engine, ckpt: Path) -> CheckpointInfo:
@@ -148,9 +159,16 @@ def load_checkpoint(engine, ckpt: Path) -> CheckpointInfo:
     replica = engine.parts.kind == "replica"
     name = _rank_file(0 if replica else rank, world)
     path = Path(ckpt) / name
-    if _sha256(path) != state["files"][name]:
-        raise ValueError(f"checkpoint file {path} fails its checksum (corrupt or truncated); "
-                         "delete the checkpoint folder to resume from the previous one")
+    ok = path.exists() and _sha256(path) == state["files"].get(name)
+    # every rank learns whether any rank's file is bad, so all stop with the same message (no rank is
+    # left waiting in a collective for one that raised)
+    oks = [ok] * world
+    if torch.distributed.is_initialized() and world > 1:
+        torch.distributed.all_gather_object(oks, ok)
+    bad = [_rank_file(0 if replica else r, world) for r, o in enumerate(oks) if not o]
+    if bad:
+        raise ValueError(f"checkpoint {ckpt}: {', '.join(sorted(set(bad)))} missing or fails its sha256 checksum "
+                         f"(corrupt or truncated); delete {ckpt} to resume from the previous checkpoint")
     tensors = load_file(str(path))
     with engine.parts.editing() as pieces:
         for pc in pieces:
@@ -168,9 +186,14 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
 
     Parameters stream through :func:`iter_full_params` one layer at a time and
     are flushed to a shard file whenever the shard reaches ``max_shard_bytes``,
-    so rank 0 never holds the whole model.
+    so rank 0 never holds the whole model. A LoRA run exports merged weights, a
+    prefix run a peft adapter folder (see :mod:`zo_deepspeed.adapters`).
     """
+    from .adapters import export_view
+
     engine.flush()
+    view = export_view(engine.module)  # None: no adapter
+    stem = view.stem if view else "model"
     rank, _ = _world()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -183,7 +206,7 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
     weight_map: dict[str, str] = {}
 
     def flush_shard():
-        name = f"model-{len(files) + 1:05d}.safetensors"
+        name = f"{stem}-{len(files) + 1:05d}.safetensors"
         _save_tensors({k: v.contiguous() for k, v in shards[-1].items()}, tmp / name)
         for k in shards[-1]:
             weight_map[k] = name
@@ -191,7 +214,7 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
         shards[-1] = {}
         sizes[-1] = 0
 
-    for name, t in iter_full_params(engine.module):
+    for name, t in (view.params if view else iter_full_params(engine.module)):
         if rank != 0:
             continue
         shards[-1][name] = t
@@ -202,13 +225,16 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
         if shards[-1] or not files:
             flush_shard()
         if len(files) == 1:
-            os.replace(tmp / files[0], tmp / "model.safetensors")
+            os.replace(tmp / files[0], tmp / f"{stem}.safetensors")
         else:
             total = sum((tmp / f).stat().st_size for f in files)
-            atomic_write_text(tmp / "model.safetensors.index.json",
+            atomic_write_text(tmp / f"{stem}.safetensors.index.json",
                               json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        engine.module.config.save_pretrained(tmp)
-        gen = getattr(engine.module, "generation_config", None)
+        if view:
+            view.write_config(tmp)
+        else:
+            engine.module.config.save_pretrained(tmp)
+        gen = None if view else getattr(engine.module, "generation_config", None)
         if gen is not None:
             try:
                 gen.save_pretrained(tmp)
@@ -216,7 +242,40 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
+        crash_point("export", engine.step_count)
+        # a folder cannot be swapped atomically: move the old export aside, the new one in, then delete
+        # the old. A crash in between leaves complete .NAME.old and .NAME.tmp folders, never a mixed one.
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return out_dir
+
+
+def model_fingerprint(path: str | Path) -> str | None:
+    """A content fingerprint of an HF model folder's weight files, stored in the trajectory log header so
+    that ``replay`` refuses a log recorded on another base model.
+
+    sha256 over each weight file's name, size and 64 evenly spaced 64 KiB blocks (the first holds the
+    safetensors header: names, shapes, dtypes). Another size or another fine-tune of the same
+    architecture differs in them; hashing whole files would read the whole model (minutes at 60 GB).
+    None when the folder has no safetensors/bin weight files.
+    """
+    files = sorted(f for f in Path(path).iterdir()
+                   if f.is_file() and (f.suffix == ".safetensors" or (f.suffix == ".bin" and "model" in f.name)))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    block, n_blocks = 1 << 16, 64
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(n_blocks):
+                fh.seek((size - block) * i // (n_blocks - 1) if size > block else 0)
+                h.update(fh.read(block))
+    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""``zo-deepspeed`` command line: train, eval, replay, export, plot.
+"""``zo-deepspeed`` command line: train, eval, replay, export, plot, plan.
 
 Works under ``deepspeed``, ``torchrun`` and plain ``python -m zo_deepspeed``
 (a world of one). Bad input ends with one line naming the problem and its fix
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="run directory -> PNG of loss, g and accuracy")
     pl.add_argument("--run-dir", required=True)
     pl.add_argument("--out", default=None)
+    from .planner import add_arguments as _plan_arguments
+
+    _plan_arguments(sub.add_parser("plan", help="memory per GPU and per node, and the ds_config to use"))
     return ap
 
 
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
-        return {"train": _train, "eval": _eval, "replay": _replay, "export": _export, "plot": _plot}[args.cmd](args)
+        return {"train": _train, "eval": _eval, "replay": _replay, "export": _export, "plot": _plot,
+                "plan": _plan}[args.cmd](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
         if os.environ.get("ZO_DEEPSPEED_DEBUG"):
             raise
@@ -129,6 +133,7 @@ def _replay(args) -> int:
 
     header, records = read_log(args.log)
     path = resolve_model_path(args.model)
+    _check_base(header, path, args.log)
     setup_distributed()
     from .run_config import RunConfig
 
@@ -138,12 +143,26 @@ def _replay(args) -> int:
     world = torch.distributed.get_world_size()
     rc.train.batch_size = world
     ds = build_ds_config(rc, world, None)
+    from .adapters import AdapterConfig
+
     eng = replay(lambda: AutoModelForCausalLM.from_pretrained(path), records, ds,
-                 zo=_zo_from_header(header))
+                 zo=_zo_from_header(header), adapter=AdapterConfig.from_dict(header.get("adapter")))
     export_hf(eng, Path(args.out), load_tokenizer(path))
     if torch.distributed.get_rank() == 0:
         print(f"replayed {len(records)} steps onto {path} -> {args.out}")
     return 0
+
+
+def _check_base(header: dict, path: str, log) -> None:
+    """A log replayed onto another base model gives garbage weights without any error: refuse it."""
+    from .checkpoint import model_fingerprint
+
+    want = header.get("base_fingerprint")  # logs written outside the trainer carry none: nothing to check
+    have = model_fingerprint(path) if want else None
+    if want and have != want:
+        raise ValueError(f"{log} was recorded on another base model (model.path={header.get('model')}, weights "
+                         f"fingerprint {want[:12]}), not {path} ({(have or 'no weights')[:12]}); "
+                         "replay it onto the run's own base model")
 
 
 def _zo_from_header(header: dict):
@@ -175,6 +194,12 @@ def _export(args) -> int:
     if tr.is_main:
         print(f"exported step {tr.engine.step_count} of {run} -> {args.out}")
     return 0
+
+
+def _plan(args) -> int:
+    from .planner import run
+
+    return run(args)
 
 
 def _plot(args) -> int:

@@ -27,10 +27,14 @@ from .rng import StreamKey, _sr_bits, _variates
 
 __all__ = ["Term", "apply", "default_chunk"]
 
-# 1 Mi elements: large enough that the per-call Python overhead (~20 us) is
-# noise next to the ~3 ms of work, small enough that eager temporaries (about a
-# dozen float32/int64 chunk-sized tensors, ~60 MB) stay far below a layer.
+# Compiled, on CPU: 1 Mi elements, large enough that the per-call Python
+# overhead (~20-50 us) is noise next to the ~3 ms of work. On an accelerator a
+# 1 Mi-element pass takes microseconds, so the launch overhead would dominate:
+# there the compiled kernel (which keeps z in registers, no temporaries) gets
+# 64 Mi elements per call. Eager: 64 Ki, so its temporaries (about a dozen
+# chunk-sized float32/int64 tensors) stay a few MB.
 default_chunk = 1 << 20
+accelerator_chunk = 1 << 26
 _EAGER_CHUNK = 1 << 16
 
 
@@ -64,16 +68,25 @@ def _round_bf16_stochastic(v, idx, srkey):
     return bits.view(torch.float32)
 
 
-def _kernel_base(x, base, idx0, a, ukeys, ucoefs, pkeys, pcoefs, srkey, gaussian: bool, update: bool):
+def _add_terms(v, b, idx, keys, coefs, gaussian, tau):
+    """v + sum(c z); with ``tau`` (Sparse-MeZO) the sum reaches only entries whose exact theta ``b``
+    has |b| <= tau. Dense keeps the plain left-to-right order (bitwise what it always was)."""
+    if tau is None:
+        return _combine(v, idx, keys, coefs, gaussian)
+    dz = _combine(torch.zeros_like(v), idx, keys, coefs, gaussian)
+    return v + torch.where(b.abs() <= tau, dz, torch.zeros_like(dz))
+
+
+def _kernel_base(x, base, idx0, a, ukeys, ucoefs, pkeys, pcoefs, srkey, gaussian: bool, update: bool, tau=None):
     idx = idx0 + torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
     b = base.to(torch.float32)
     if update:
-        b = _combine(b * a, idx, ukeys, ucoefs, gaussian)
+        b = _add_terms(b * a, b, idx, ukeys, ucoefs, gaussian, tau)
         if srkey is not None:
             b = _round_bf16_stochastic(b, idx, srkey)
         base.copy_(b)
         b = base.to(torch.float32)
-    x.copy_(_combine(b, idx, pkeys, pcoefs, gaussian))
+    x.copy_(_add_terms(b, b, idx, pkeys, pcoefs, gaussian, tau))
 
 
 _compiled: dict[str, object] = {}
@@ -112,6 +125,7 @@ def apply(
     base: torch.Tensor | None = None,
     base_terms: Sequence[Term] = (),
     stochastic_round: StreamKey | None = None,
+    mask_below: float | None = None,
     dist: str = "gaussian",
     compiled: bool | None = None,
     chunk: int | None = None,
@@ -125,12 +139,18 @@ def apply(
     (stochastically rounded when ``stochastic_round`` is given and base is
     bf16); then ``x <- base + sum(terms)`` in x's dtype. ``x`` is only ever
     written from ``base``, so restoring it is exact.
+
+    ``mask_below`` (with ``base`` only; Sparse-MeZO): the terms reach only the
+    entries whose exact value in ``base`` has ``|base| <= mask_below``
+    (evaluated before the update for ``base_terms``, after it for ``terms``).
     """
     if x.dim() != 1:
         raise ValueError("fused.apply expects a 1-D view")
     n = x.shape[0]
     if n == 0:
         return
+    if mask_below is not None and base is None:
+        raise ValueError("mask_below needs base: the mask is read from the exact copy of theta")
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base shape {tuple(base.shape)} != piece shape {tuple(x.shape)}")
     if compiled is None:
@@ -140,7 +160,7 @@ def apply(
     keys = [t.key.tensor(dev) for t in terms]
     coefs = [torch.tensor(float(t.coef), dtype=torch.float32, device=dev) for t in terms]
     a = torch.tensor(float(scale), dtype=torch.float32, device=dev)
-    step = chunk or (default_chunk if compiled else _EAGER_CHUNK)
+    step = chunk or (_EAGER_CHUNK if not compiled else default_chunk if dev.type == "cpu" else accelerator_chunk)
     if base is None:
         if scale == 1.0 and not terms:
             return
@@ -156,8 +176,9 @@ def apply(
     srkey = None
     if update and stochastic_round is not None and base.dtype == torch.bfloat16:
         srkey = stochastic_round.tensor(dev)
+    tau = None if mask_below is None else torch.tensor(float(mask_below), dtype=torch.float32, device=dev)
     fn = _get("base", _kernel_base, compiled)
     for s in range(0, n, step):
         e = min(n, s + step)
         idx0 = torch.tensor(start + s, dtype=torch.int64, device=dev)
-        fn(x[s:e], base[s:e], idx0, a, ukeys, ucoefs, keys, coefs, srkey, gaussian, update)
+        fn(x[s:e], base[s:e], idx0, a, ukeys, ucoefs, keys, coefs, srkey, gaussian, update, tau)

@@ -53,7 +53,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StreamKey", "stream_key", "words", "variates", "DISTRIBUTIONS"]
+__all__ = ["StreamKey", "stream_key", "words", "variates", "DISTRIBUTIONS", "STREAM_VERSION"]
+
+# Written into every trajectory log: replaying a log needs the stream that produced it.
+STREAM_VERSION = "zo_deepspeed.z/1"
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 _M = 0xFFFFFFFF

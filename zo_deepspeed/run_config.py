@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .adapters import AdapterConfig
 from .config import ZOConfig
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "load_run_config", "DEFAULT_DS_CONFIG"]
@@ -106,6 +107,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     zo: ZOConfig = field(default_factory=lambda: ZOConfig(lr=1e-5, eps=1e-3))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """LoRA / prefix tuning (mode none: full-parameter). load_run_config gives zo.lr, zo.eps and zo.restore the
+    mode's defaults (AdapterConfig.zo_defaults) unless they are set explicitly."""
     deepspeed: str | None = None
     """ds_config JSON file (None: the embedded ZeRO-3 default)."""
 
@@ -113,7 +117,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "zo": ZOConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "zo": ZOConfig,
+             "adapter": AdapterConfig}
 
 
 def _coerce(value: str, current: Any) -> Any:
@@ -152,7 +157,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         except Exception as e:  # noqa: BLE001 - any parse error is the same user mistake
             raise ValueError(f"config file {p} does not parse: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"config file {p} must hold a mapping of sections (model, data, train, zo, deepspeed)")
+            raise ValueError(f"config file {p} must hold a mapping of sections "
+                             "(model, data, train, zo, adapter, deepspeed)")
         for k, v in raw.items():
             if k in _SECTIONS:
                 if not isinstance(v, dict):
@@ -182,11 +188,13 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         except ValueError as e:
             raise ValueError(f"override {key}={value!r}: {e}") from None
     built = {}
-    for sec, cls in _SECTIONS.items():
+    for sec, cls in sorted(_SECTIONS.items(), key=lambda kv: kv[0] == "zo"):  # zo last: adapter sets its defaults
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(tree[sec]) - known)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in section {sec!r}; known: {', '.join(sorted(known))}")
         base = dataclasses.asdict(getattr(defaults, sec)) if sec == "zo" else {}
+        if sec == "zo":
+            base.update(built["adapter"].zo_defaults())  # LoRA/prefix: MeZO's lr and eps, unless set
         built[sec] = cls(**{**base, **tree[sec]})
     return RunConfig(**built, **top)

@@ -23,6 +23,7 @@ import torch
 from . import checkpoint as ckpt
 from .engine import ZOEngine, causal_lm_loss, initialize, replay
 from .run_config import DEFAULT_DS_CONFIG, RunConfig
+from .rng import STREAM_VERSION
 from .trajectory import read_log
 
 __all__ = ["Trainer", "EvalResult", "setup_distributed", "EXIT_PREEMPTED", "build_ds_config", "load_tokenizer",
@@ -61,10 +62,40 @@ def resolve_model_path(path: str) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"model.path={path} has no usable tokenizer ({first[:200]}); "
+                         "put the model's own tokenizer files next to its weights") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_model_inputs(path: str, tokenizer, max_length: int) -> None:
+    """Mistakes that would otherwise fail deep inside a forward (an index error) or silently mis-train."""
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(path)
+    vocab = getattr(mc, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: "
+                         "tokenizer and weights come from different models; use the model's own tokenizer files")
+    ctx = next((getattr(mc, k) for k in ("max_position_embeddings", "n_positions") if getattr(mc, k, None)), None)
+    if ctx and max_length > ctx:
+        raise ValueError(f"data.max_length={max_length} is longer than the model's context ({ctx} positions in "
+                         f"{path}/config.json); set data.max_length <= {ctx}")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Read-only check that train.output_dir can be created, before anything is written."""
+    p = Path(run_dir).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"train.output_dir={run_dir} cannot be written ({p} is not a writable directory); "
+                         "pick a writable train.output_dir")
 
 
 def build_ds_config(cfg: RunConfig, world: int, run_dir: Path | None) -> dict:
@@ -106,8 +137,12 @@ class _RunLock:
     """One run per directory: a second process pointed at a live run dir refuses to start."""
 
     def __init__(self, run_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.f = open(run_dir / ".lock", "w")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.f = open(run_dir / ".lock", "a")  # "a": never truncates anything
+        except OSError as e:  # read-only file system and the like (check_writable cannot see those)
+            raise RuntimeError(f"train.output_dir={run_dir} cannot be written ({e}); pick a writable "
+                               "train.output_dir") from None
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -124,11 +159,15 @@ class Trainer:
         self.run_dir = Path(cfg.train.output_dir)
         self.is_main = self.rank == 0
         self.eval_only = eval_only
+        # Every check up to the lock only reads: a refused run writes nothing (no run dir, no checkpoint).
         if self.is_main and not eval_only:
             if not resume and (self.run_dir / "trajectory.jsonl").exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                                       "or choose another train.output_dir")
-            self._lock = _RunLock(self.run_dir)
+            check_writable(self.run_dir)
+        if not eval_only and cfg.train.steps > 0 and cfg.zo.lr == 0:
+            raise ValueError("zo.lr=0 with train.steps > 0 would change no weight; set zo.lr > 0 (MeZO: 1e-6 or "
+                             "1e-7), or train.steps=0 to only evaluate")
         self.task = get_task(cfg.data.task)
         self.splits = build_splits(self.task, cfg.data.data_dir, seed=cfg.zo.seed, num_train=cfg.data.num_train,
                                    num_dev=cfg.data.num_dev, num_test=cfg.data.num_test,
@@ -143,14 +182,21 @@ class Trainer:
                              "use train.objective=loss for generation tasks")
         self.model_path = resolve_model_path(cfg.model.path)
         self.tokenizer = load_tokenizer(self.model_path)
+        check_model_inputs(self.model_path, self.tokenizer, cfg.data.max_length)
         self.ds_config = build_ds_config(cfg, self.world, None if eval_only else self.run_dir)
+        if self.is_main and not eval_only:
+            self._lock = _RunLock(self.run_dir)  # the first write; DeepSpeed's monitors write next
         dtype = getattr(torch, cfg.model.dtype)
         from transformers import AutoModelForCausalLM
 
+        if cfg.zo.total_steps == 0:
+            cfg.zo.total_steps = cfg.train.steps  # the horizon of a linear/cosine schedule
         loss_fn = {"loss": causal_lm_loss, "choice": self._choice_loss, "accuracy": self._neg_accuracy}[self.objective]
-        self.engine: ZOEngine = initialize(
-            lambda: AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype), self.ds_config, cfg.zo,
-            loss_fn=loss_fn, trajectory=None)
+        from .adapters import adapt
+
+        self.engine: ZOEngine = initialize(  # with adapter.mode lora/prefix only the adapter is trained
+            adapt(lambda: AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype), cfg.adapter),
+            self.ds_config, cfg.zo, loss_fn=loss_fn, trajectory=None)
         self.monitor = getattr(self.engine.ds_engine, "monitor", None)
         self._stop = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -307,6 +353,9 @@ class Trainer:
             self.engine.step_count = step
             self._print(f"resume: {e}; replayed {step} logged steps instead")
         self._truncate_log(self.engine.step_count)
+        if self.cfg.zo.optimizer == "momentum":  # the momentum is the (seed, g) history of the last steps
+            _, records = read_log(self.run_dir / "trajectory.jsonl")
+            self.engine.rule.rebuild(records[-self.cfg.zo.momentum_window:])
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records past ``step``: those steps ran after the checkpoint and will run again."""
@@ -321,7 +370,7 @@ class Trainer:
     def _open_log(self) -> None:
         self.log = None
         if self.is_main:
-            self.log = _Log(self.run_dir, self.engine, self.cfg)
+            self.log = _Log(self.run_dir, self.engine, self.cfg, self.model_path)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame) -> None:
@@ -365,13 +414,16 @@ def _record_step(line: str):
 class _Log:
     """Rank 0's trajectory log for a trainer run (header carries the config)."""
 
-    def __init__(self, run_dir: Path, engine: ZOEngine, cfg: RunConfig):
+    def __init__(self, run_dir: Path, engine: ZOEngine, cfg: RunConfig, model_path: str):
         from .trajectory import StepRecord, TrajectoryLog
 
         self._rec = StepRecord
         self.log = TrajectoryLog(run_dir / "trajectory.jsonl", header={
-            "zo": vars(cfg.zo), "restore": engine.state.restore, "model": cfg.model.path, "task": cfg.data.task})
+            "zo": vars(cfg.zo), "restore": engine.state.restore, "model": cfg.model.path, "task": cfg.data.task,
+            # `replay` checks it: a log applied to another base model would silently produce garbage
+            "base_fingerprint": ckpt.model_fingerprint(model_path), "z_stream": STREAM_VERSION,
+            "adapter": cfg.adapter.to_dict()})  # replay builds the same adapter on the base model
 
     def append_result(self, res, zo, ids) -> None:
         self.log.append(self._rec(res.step, res.seeds, res.g, res.lr, zo.weight_decay, zo.eps, res.loss_plus,
-                                  res.loss_minus, res.skipped, tuple(ids)))
+                                  res.loss_minus, res.skipped, tuple(ids), res.update, res.decay))

@@ -32,6 +32,10 @@ class StepRecord:
     loss_minus: float
     skipped: bool = False
     example_ids: tuple = ()
+    # the update this step applied, theta <- (1 - decay) theta + sum c z_seed, as [(seed, c), ...];
+    # None in logs written before it was recorded (replay then assumes plain ZO-SGD)
+    update: tuple | None = None
+    decay: float = 0.0
 
     @property
     def q(self) -> int:
@@ -47,7 +51,10 @@ class StepRecord:
         return cls(step=int(d["step"]), seeds=tuple(int(s) for s in d["seeds"]), g=tuple(float(x) for x in d["g"]),
                    lr=float(d["lr"]), weight_decay=float(d["weight_decay"]), eps=float(d["eps"]),
                    loss_plus=float(d["loss_plus"]), loss_minus=float(d["loss_minus"]),
-                   skipped=bool(d.get("skipped", False)), example_ids=tuple(d.get("example_ids", ())))
+                   skipped=bool(d.get("skipped", False)), example_ids=tuple(d.get("example_ids", ())),
+                   update=(None if d.get("update") is None
+                           else tuple((int(u[0]), float(u[1])) for u in d["update"])),
+                   decay=float(d.get("decay", 0.0)))
 
 
 @dataclass
@@ -75,6 +82,14 @@ class TrajectoryLog:
             os.fsync(f.fileno())
 
     def append(self, rec: StepRecord) -> None:
+        from . import faults
+
+        if faults.hit("log_torn", rec.step):  # crash test: half a record reaches the disk, then the process dies
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(rec.to_json()[:40])
+                f.flush()
+                os.fsync(f.fileno())
+            faults.kill()
         self._append(rec.to_json())
 
 

@@ -79,12 +79,25 @@ class WeightState:
         self.base_device = base_device
         self.offset: list[Stream] = []
         self.bases: dict[tuple[str, str], torch.Tensor] = {}
+        # Sparse-MeZO: per parameter key, edits reach only entries with |theta| <= threshold
+        self.thresholds: dict[str, float] | None = None
         if self.restore != "inplace":
             with parts.editing() as it:
                 for pc in it:
                     dev = pc.tensor.device if base_device == "same" else torch.device("cpu")
                     bdt = torch.float32 if self.restore == "master" else pc.tensor.dtype
                     self.bases[(pc.key, pc.slot)] = pc.tensor.detach().to(device=dev, dtype=bdt, copy=True)
+
+    def primary_bases(self) -> list[tuple[str, int, list[torch.Tensor]]]:
+        """(key, numel, exact theta of this rank's own slices) for every trainable parameter, in the
+        same order on every rank; hpZ secondary copies are left out (they duplicate primary slices)."""
+        out: dict[str, tuple[str, int, list[torch.Tensor]]] = {}
+        for name, p in self.parts.params:
+            out[name] = (name, self.parts.full_shape(p).numel(), [])
+        for (key, slot), b in self.bases.items():
+            if slot in ("primary", "replica"):
+                out[key][2].append(b.view(-1))
+        return list(out.values())
 
     def base_bytes(self) -> int:
         """Extra memory this rank spends on master/backup copies."""
@@ -110,6 +123,7 @@ class WeightState:
             apply(pc.tensor, pc.start, keys(terms), scale=a, dist=self.dist, compiled=self.compiled)
             return
         base = self.bases[(pc.key, pc.slot)]
+        tau = None if self.thresholds is None else self.thresholds[pc.key]
         sr = None
         if self.restore == "backup" and upd:
             # noise for rounding keyed by the first update seed: deterministic,
@@ -117,7 +131,7 @@ class WeightState:
             sr = stream_key(upd[0][0], pc.key)
         if base.device == pc.tensor.device:
             apply(pc.tensor, pc.start, keys(offset), scale=a, base=base, base_terms=keys(upd),
-                  stochastic_round=sr, dist=self.dist, compiled=self.compiled)
+                  stochastic_round=sr, mask_below=tau, dist=self.dist, compiled=self.compiled)
             return
         # base in host memory, partition on the accelerator: stream it through
         # in bounded chunks (this is the 4 B/param-in-CPU-RAM trade-off).
@@ -127,7 +141,7 @@ class WeightState:
             e = min(n, s + step)
             b = base[s:e].to(pc.tensor.device)
             apply(pc.tensor[s:e], pc.start + s, keys(offset), scale=a, base=b, base_terms=keys(upd),
-                  stochastic_round=sr, dist=self.dist, compiled=self.compiled)
+                  stochastic_round=sr, mask_below=tau, dist=self.dist, compiled=self.compiled)
             if upd or a != 1.0:
                 base[s:e].copy_(b)
 

@@ -200,13 +200,14 @@ def score_candidates(forward, tokenizer, examples: Sequence[Example], max_length
             batch = encode_prompts(tokenizer, chunk, max_length - 1, padding_side="left")
             position_ids = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
             logits = _logits_of(forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        position_ids=position_ids, logits_to_keep=1))
+                                        position_ids=position_ids, logits_to_keep=1, use_cache=False))
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
             for row, i in enumerate(idx):
                 losses[i] = [-logp[row, t].item() for t in fast[i]]
         else:
             batch, mapping = encode_candidates(tokenizer, chunk, max_length)
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            inputs["use_cache"] = False  # scoring only: no KV cache kept alive through the forward
             row_losses = sequence_losses(_logits_of(forward(**inputs)), batch["labels"]).tolist()
             per = [[0.0] * len(ex.candidates) for ex in chunk]
             for loss, (r, j) in zip(row_losses, mapping):

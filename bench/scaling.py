@@ -110,6 +110,31 @@ def run_world(world: int, model_dir: Path, batches: Path, tmp: Path) -> dict:
     return json.load(open(tmp / f"w{world}.json"))
 
 
+def plot(points: dict[int, tuple[float, float, float]], png: Path) -> Path | None:
+    """points: W -> (s / step, DeepSpeed collective bytes / step / rank, loss all-reduce bytes / step)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ws = sorted(points)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ws, [points[w][0] for w in ws], "o-")
+    ax[0].set(xlabel="world size (gloo ranks, 1 thread each, 2-core machine)", ylabel="s / ZO step",
+              title="time per step", xticks=ws, ylim=(0, None))
+    multi = [w for w in ws if points[w][1] > 0]  # W=1 gathers nothing (0 bytes: off a log axis)
+    ax[1].plot(multi, [points[w][1] for w in multi], "o-", label="DeepSpeed all-gathers (0 at W=1)")
+    ax[1].plot(ws, [points[w][2] for w in ws], "s--", label="ZO loss all-reduce")
+    ax[1].set(xlabel="world size", ylabel="bytes / step / rank", title="communication", xticks=ws, yscale="log")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+    return png
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="opt-125m", choices=C.MODELS)
@@ -156,28 +181,8 @@ def main() -> None:
                  "(all-gathers)", "other DS collectives MiB / step", "loss all-reduce B / step",
                  "DeepSpeed ops per step", f"vs W={ref_w}: loss / g / weights rel. diff", "trajectory"], rows)
     print("\n" + t)
-    png = C.BENCH / "scaling.png"
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        ws = list(res)
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        ax[0].plot(ws, [C.med(res[w]["times"]) for w in ws], "o-")
-        ax[0].set(xlabel="world size (gloo ranks, 1 thread each, 2-core machine)", ylabel="s / ZO step",
-                  title="time per step", xticks=ws)
-        ax[1].plot(ws, [sum(res[w]["comm_bytes"].values()) / len(res[w]["times"]) / 2**20 for w in ws], "o-",
-                   label="DeepSpeed gathers")
-        ax[1].plot(ws, [8 * (2 * res[w]["q"] + 1) / 2**20 for w in ws], "s--", label="ZO loss all-reduce")
-        ax[1].set(xlabel="world size", ylabel="MiB / step / rank", title="communication", xticks=ws, yscale="symlog")
-        ax[1].legend()
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        print(f"wrote {png}")
-    except ImportError:
-        png = None
+    png = plot({w: (C.med(o["times"]), sum(o["comm_bytes"].values()) / len(o["times"]), 8 * (2 * o["q"] + 1))
+                for w, o in res.items()}, C.BENCH / "scaling.png")
     body = (f"{args.model}-shaped model ({n / 1e6:.1f} M parameters, fp32, random init saved once and loaded by every "
             f"run), ZeRO-3 with stage3_param_persistence_threshold 0, global batch {args.batch} x seq {args.seq} split "
             f"across ranks, lr {LR}, eps {EPS}; 1 warm-up step then {args.steps} timed steps. Time: slowest rank, "

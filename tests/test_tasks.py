@@ -525,7 +525,7 @@ class PrefixMeanLM(torch.nn.Module):
         self.out = torch.nn.Linear(8, vocab)
         self.calls = []
 
-    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0, use_cache=None):
         self.calls.append(tuple(input_ids.shape))
         m = attention_mask.unsqueeze(-1).float()
         h = (self.emb(input_ids) * m).cumsum(1) / m.cumsum(1).clamp_min(1)

@@ -21,8 +21,9 @@ partition, so its memory is inference memory. Per GPU it is the sum of
   run one after the other, nothing is kept between them): see
   :func:`activations`. The logits and the float32 copies the loss makes of
   them are ``8*B*S*vocab`` bytes (12 in fp32) and dominate at long sequences; the
-  KV cache that HF models build by default (``use_cache``) is
-  ``2*layers*B*S*kv_dim*b``;
+  KV cache that HF models build by default (``use_cache``; zo_deepspeed's
+  scoring forwards turn it off, ``kv_cache=True`` plans for code that does not)
+  is ``2*layers*B*S*kv_dim*b``;
 * **buffers**: CUDA context, NCCL, the fused pass's scratch and allocator
   fragmentation (constants below, with the reasons).
 
@@ -187,7 +188,7 @@ def load_model_shape(model: str) -> ModelShape:
 
 # ---------------------------------------------------------------------------- activations
 def activations(shape: ModelShape, batch: int, seq: int, b: int, *, attention: str = "sdpa",
-                kv_cache: bool = True, loss: str = "library") -> dict:
+                kv_cache: bool = False, loss: str = "library") -> dict:
     """Peak bytes live during one no_grad forward + loss, and its parts (all in bytes).
 
     What is live (HF decoder-only LM, eval mode, no_grad: a tensor dies when its last reference goes):
@@ -411,7 +412,7 @@ class Hardware:
 
 
 def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restore: str, base_device: str,
-             batch: int, seq: int, *, attention: str = "sdpa", kv_cache: bool = True) -> Estimate:
+             batch: int, seq: int, *, attention: str = "sdpa", kv_cache: bool = False) -> Estimate:
     """Per-GPU and per-node bytes of one candidate (layout, restore mode, restore-copy device)."""
     b = DTYPE_BYTES[dtype]
     W, gpn = hw.world, hw.gpus_per_node
@@ -581,7 +582,7 @@ def _check_inputs(hw: Hardware, dtype: str, offload: str, batch: int, seq: int, 
 
 def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80.0, cpu_mem: float = 256.0,
          offload: str = "auto", dtype: str = "bf16", batch: int = 1, seq: int = 512, restore: str = "auto",
-         base_device: str = "auto", attention: str = "sdpa", kv_cache: bool = True) -> Plan:
+         base_device: str = "auto", attention: str = "sdpa", kv_cache: bool = False) -> Plan:
     """The first layout that fits, in order of speed and exactness (README: "How much memory")."""
     hw = Hardware(gpus_per_node, nodes, gpu_mem, cpu_mem)
     _check_inputs(hw, dtype, offload, batch, seq, None, restore, base_device, attention)
@@ -644,7 +645,7 @@ def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80
                      "(--ds-config-out PATH) and pass it to the trainer with --ds-config PATH")
     if kv_cache and e.activations["kv_cache"] > 0.25 * e.activations["peak"]:
         notes.append(f"the forward's KV cache (HF use_cache=True) is {e.activations['kv_cache'] / GiB:.2f} GiB of "
-                     "the activations; a model config with use_cache=false drops it (plan with --no-kv-cache)")
+                     "the activations; zo_deepspeed's forwards pass use_cache=False and do not build it")
     if not fits and e.activations["peak"] + CONSTANTS["cuda_context_gib"] * GiB > gpu_mem * GiB:  # too_big
         notes.append(f"the activations alone ({e.activations['peak'] / GiB:.1f} GiB) exceed a GPU: "
                      "lower --batch or --seq")
@@ -766,8 +767,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="zo.base_device of the restore copy; auto: on the GPU if it fits, else host memory")
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"),
                     help="attention implementation (eager materializes the B x heads x S x S scores)")
-    ap.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
-                    help="plan for forwards without HF's KV cache (model config use_cache=false)")
+    ap.add_argument("--kv-cache", action="store_true",
+                    help="plan for forwards that build HF's KV cache (use_cache=True, HF's default, e.g. the MeZO "
+                         "reference code); zo_deepspeed's own forwards pass use_cache=False")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("--ds-config-out", metavar="PATH", help="also write the proposed ds_config to PATH")
 

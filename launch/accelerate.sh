@@ -14,6 +14,9 @@
 #   ENTRY, MODULE, COMMAND, DRY_RUN: as in launch/single_node.sh
 #   ACCELERATE         the accelerate command   (default accelerate)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$here/accelerate_zero3.yaml}
@@ -28,23 +31,11 @@ DRY_RUN=${DRY_RUN:-0}
 
 read -r -a launcher <<<"$ACCELERATE"
 read -r -a acc_args <<<"$ACCELERATE_ARGS"
-if [[ -n $ENTRY ]]; then
-  prog=("$ENTRY")
-elif [[ $COMMAND == none ]]; then
-  prog=(--module "$MODULE")
-else
-  prog=(--module "$MODULE" "$COMMAND")
-fi
+program_args
 
 cmd=("${launcher[@]}" launch --config_file "$ACCELERATE_CONFIG" --main_process_port "$MASTER_PORT")
 if [[ -n $GPUS ]]; then
   cmd+=(--num_processes "$GPUS")
 fi
 cmd+=("${acc_args[@]}" "${prog[@]}" "$@")
-printf '+'
-printf ' %q' "${cmd[@]}"
-printf '\n'
-if [[ $DRY_RUN == 1 ]]; then
-  exit 0
-fi
-exec "${cmd[@]}"
+run_printed "${cmd[@]}"

@@ -21,6 +21,9 @@
 # Environment variables reach the other nodes only if named in ~/.deepspeed_env or
 # ./.deepspeed_env (lines NAME=value); DeepSpeed forwards NCCL_*, PYTHON* and UCX_* itself.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 HOSTFILE=${HOSTFILE:-hostfile}
 NODE_RANK=${NODE_RANK:-}
@@ -48,13 +51,7 @@ MASTER_ADDR=${MASTER_ADDR:-$first_host}
 
 read -r -a launcher <<<"$DEEPSPEED"
 read -r -a ds_args <<<"$DS_ARGS"
-if [[ -n $ENTRY ]]; then
-  prog=("$ENTRY")
-elif [[ $COMMAND == none ]]; then
-  prog=(--module "$MODULE")
-else
-  prog=(--module "$MODULE" "$COMMAND")
-fi
+program_args
 
 cmd=("${launcher[@]}" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 if [[ -n $NODE_RANK ]]; then
@@ -70,10 +67,4 @@ if [[ -n $NNODES ]]; then
 fi
 cmd+=(--no_local_rank "${ds_args[@]}" "${prog[@]}" "$@")
 
-printf '+'
-printf ' %q' "${cmd[@]}"
-printf '\n'
-if [[ $DRY_RUN == 1 ]]; then
-  exit 0
-fi
-exec "${cmd[@]}"
+run_printed "${cmd[@]}"

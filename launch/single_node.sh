@@ -15,6 +15,9 @@
 #   DEEPSPEED    the launcher command          (default deepspeed)
 #   DRY_RUN=1    print the command and exit
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 gpus_here() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -35,21 +38,9 @@ DRY_RUN=${DRY_RUN:-0}
 
 read -r -a launcher <<<"$DEEPSPEED"
 read -r -a ds_args <<<"$DS_ARGS"
-if [[ -n $ENTRY ]]; then
-  prog=("$ENTRY")
-elif [[ $COMMAND == none ]]; then
-  prog=(--module "$MODULE")
-else
-  prog=(--module "$MODULE" "$COMMAND")
-fi
+program_args
 
 # --no_local_rank: ranks read LOCAL_RANK from the environment instead of a --local_rank argument
 cmd=("${launcher[@]}" --num_gpus "$GPUS" --master_port "$MASTER_PORT" --no_local_rank "${ds_args[@]}"
   "${prog[@]}" "$@")
-printf '+'
-printf ' %q' "${cmd[@]}"
-printf '\n'
-if [[ $DRY_RUN == 1 ]]; then
-  exit 0
-fi
-exec "${cmd[@]}"
+run_printed "${cmd[@]}"

@@ -103,8 +103,7 @@ class ZOEngine:
         if trajectory is not None and self.rank == 0:
             self.log = TrajectoryLog(Path(trajectory), header={"zo": vars(zo), "restore": self.state.restore,
                                                                "world_size": self.world_size,
-                                                               "adapter": adapter_header(module),
-                                                               "z_stream": STREAM_VERSION})
+                                                               "adapter": adapter_header(module)})
 
     @property
     def module(self) -> torch.nn.Module:

@@ -23,7 +23,6 @@ import torch
 from . import checkpoint as ckpt
 from .engine import ZOEngine, causal_lm_loss, initialize, replay
 from .run_config import DEFAULT_DS_CONFIG, RunConfig
-from .rng import STREAM_VERSION
 from .trajectory import read_log
 
 __all__ = ["Trainer", "EvalResult", "setup_distributed", "EXIT_PREEMPTED", "build_ds_config", "load_tokenizer",
@@ -421,7 +420,7 @@ class _Log:
         self.log = TrajectoryLog(run_dir / "trajectory.jsonl", header={
             "zo": vars(cfg.zo), "restore": engine.state.restore, "model": cfg.model.path, "task": cfg.data.task,
             # `replay` checks it: a log applied to another base model would silently produce garbage
-            "base_fingerprint": ckpt.model_fingerprint(model_path), "z_stream": STREAM_VERSION,
+            "base_fingerprint": ckpt.model_fingerprint(model_path),
             "adapter": cfg.adapter.to_dict()})  # replay builds the same adapter on the base model
 
     def append_result(self, res, zo, ids) -> None:

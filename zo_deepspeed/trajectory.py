@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .rng import STREAM_VERSION
+
 __all__ = ["StepRecord", "TrajectoryLog", "read_log", "FORMAT"]
 
 FORMAT = "zo_deepspeed.trajectory/1"
@@ -72,7 +74,8 @@ class TrajectoryLog:
                 raise ValueError(f"{self.path} is not a zo_deepspeed trajectory log (format {head.get('format')!r})")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"format": FORMAT, **self.header})
+            # the stream version: replaying needs the z stream that produced the log
+            self._append({"format": FORMAT, "z_stream": STREAM_VERSION, **self.header})
 
     def _append(self, obj: dict | str) -> None:
         line = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))

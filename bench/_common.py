@@ -101,6 +101,15 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 1) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def free_port() -> int:
+    """A TCP port free on this host right now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def n_params(model) -> int:
     return sum(p.numel() for _, p in model.named_parameters())
 

@@ -86,7 +86,7 @@ def child(spec: dict) -> dict:
 
 
 def attempt(model: str, method: str, args) -> dict:
-    spec = {"model": model, "method": method, "seq": args.seq, "cap_gib": args.cap_gib, "port": 29650}
+    spec = {"model": model, "method": method, "seq": args.seq, "cap_gib": args.cap_gib, "port": C.free_port()}
     t = time.time()
     p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=args.timeout)

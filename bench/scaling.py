@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,6 @@ import torch
 import zo_deepspeed as zd
 
 LR, EPS = 1e-5, 1e-3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ds_config() -> dict:
@@ -100,7 +93,7 @@ def run_world(world: int, model_dir: Path, batches: Path, tmp: Path) -> dict:
     (tmp / f"spec{world}.json").write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
-           str(_free_port()), str(Path(__file__).resolve()), "--worker", str(tmp / f"spec{world}.json")]
+           str(C.free_port()), str(Path(__file__).resolve()), "--worker", str(tmp / f"spec{world}.json")]
     t = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
     print(f"  W={world}: launcher exited {p.returncode} after {time.time() - t:.0f} s", flush=True)
@@ -181,8 +174,9 @@ def main() -> None:
                  "(all-gathers)", "other DS collectives MiB / step", "loss all-reduce B / step",
                  "DeepSpeed ops per step", f"vs W={ref_w}: loss / g / weights rel. diff", "trajectory"], rows)
     print("\n" + t)
-    png = plot({w: (C.med(o["times"]), sum(o["comm_bytes"].values()) / len(o["times"]), 8 * (2 * o["q"] + 1))
-                for w, o in res.items()}, C.BENCH / "scaling.png")
+    png = None if args.no_write else plot(
+        {w: (C.med(o["times"]), sum(o["comm_bytes"].values()) / len(o["times"]), 8 * (2 * o["q"] + 1))
+         for w, o in res.items()}, C.BENCH / "scaling.png")
     body = (f"{args.model}-shaped model ({n / 1e6:.1f} M parameters, fp32, random init saved once and loaded by every "
             f"run), ZeRO-3 with stage3_param_persistence_threshold 0, global batch {args.batch} x seq {args.seq} split "
             f"across ranks, lr {LR}, eps {EPS}; 1 warm-up step then {args.steps} timed steps. Time: slowest rank, "

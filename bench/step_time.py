@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,17 +53,11 @@ def z3_config(offload: bool = False) -> dict:
     return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_rank_dist() -> None:
     if torch.distributed.is_initialized():
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(C.free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 
 
@@ -163,7 +156,7 @@ def multirank(model_name: str, offload: bool, args, world: int = 2) -> list | No
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
-           str(_free_port()), str(Path(__file__).resolve()), "--worker", str(tmp / "spec.json")]
+           str(C.free_port()), str(Path(__file__).resolve()), "--worker", str(tmp / "spec.json")]
     t = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
     setup = f"{world} ranks, ZeRO-3" + (" + offload_param cpu" if offload else "") + ", fuse_update=1"

@@ -78,13 +78,21 @@ def job(jid: str) -> dict:
 
 
 def wait(jid: str, out: Path, timeout: float = 600, on_running=None) -> dict:
-    """Until the job has finished. A requeued job is held ~2 min by SLURM (BeginTime): release it at once."""
+    """Until the job has finished. A requeued job is held ~2 min by SLURM (BeginTime): release it after a few
+    seconds, not at once. The requeue is issued from inside the batch script, which is still exiting on the
+    nodes; releasing at once can schedule the new incarnation before the old one is gone, and slurmctld then
+    kills it ("Killing non-startable batch job: Job credential revoked", seen here once in ~10 runs)."""
     t0 = time.time()
+    held_since = None
     while time.time() - t0 < timeout:
         info = job(jid)
         state, reason = info.get("JobState"), info.get("Reason")
         if state == "PENDING" and reason == "BeginTime":
-            _sh("scontrol", "update", f"JobId={jid}", "StartTime=now")
+            held_since = held_since or time.time()
+            if time.time() - held_since >= 5:
+                _sh("scontrol", "update", f"JobId={jid}", "StartTime=now")
+        else:
+            held_since = None
         if state == "RUNNING" and on_running is not None and on_running():
             on_running = None
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):

@@ -76,7 +76,9 @@ class TrainConfig:
     objective: str = "auto"
     """What g estimates. loss: LM cross-entropy on the gold option/answer tokens. choice: cross-entropy of the
     gold option among the candidates (softmax over their log-likelihoods; classification). accuracy: -accuracy
-    of candidate scoring (non-differentiable). auto: choice for classification tasks, loss otherwise."""
+    of candidate scoring (non-differentiable). f1: -F1 of greedy generations against the gold answers
+    (generation tasks; non-differentiable, each forward of the pair is a generate call). auto: choice for
+    classification tasks, loss otherwise."""
     eval_every: int = 0
     """Evaluate on dev every K steps (0: only zero-shot and final)."""
     eval_batch_size: int = 32
@@ -95,8 +97,8 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 0, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
             raise ValueError("train.batch_size, train.grad_accum and train.eval_batch_size must be >= 1")
-        if self.objective not in ("auto", "loss", "choice", "accuracy"):
-            raise ValueError(f"train.objective={self.objective!r}; use auto, loss, choice or accuracy")
+        if self.objective not in ("auto", "loss", "choice", "accuracy", "f1"):
+            raise ValueError(f"train.objective={self.objective!r}; use auto, loss, choice, accuracy or f1")
         if self.eval_every < 0 or self.save_every < 0:
             raise ValueError("train.eval_every and train.save_every must be >= 0")
 

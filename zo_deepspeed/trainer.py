@@ -178,7 +178,10 @@ class Trainer:
             self.objective = "choice" if self.task.kind == "classification" else "loss"
         if self.objective in ("accuracy", "choice") and self.task.kind != "classification":
             raise ValueError(f"train.objective={self.objective} scores candidates: classification tasks only; "
-                             "use train.objective=loss for generation tasks")
+                             "use train.objective=loss or f1 for generation tasks")
+        if self.objective == "f1" and self.task.kind != "generation":
+            raise ValueError(f"train.objective=f1 scores generations: generation tasks only; use "
+                             f"train.objective=accuracy or choice for {cfg.data.task}")
         self.model_path = resolve_model_path(cfg.model.path)
         self.tokenizer = load_tokenizer(self.model_path)
         check_model_inputs(self.model_path, self.tokenizer, cfg.data.max_length)
@@ -190,7 +193,8 @@ class Trainer:
 
         if cfg.zo.total_steps == 0:
             cfg.zo.total_steps = cfg.train.steps  # the horizon of a linear/cosine schedule
-        loss_fn = {"loss": causal_lm_loss, "choice": self._choice_loss, "accuracy": self._neg_accuracy}[self.objective]
+        loss_fn = {"loss": causal_lm_loss, "choice": self._choice_loss, "accuracy": self._neg_accuracy,
+                   "f1": self._neg_f1}[self.objective]
         from .adapters import adapt
 
         self.engine: ZOEngine = initialize(  # with adapter.mode lora/prefix only the adapter is trained
@@ -278,6 +282,15 @@ class Trainer:
         correct = sum(int(p == ex.label) for p, ex in zip(preds, exs))
         return torch.tensor(-float(correct), dtype=torch.float64), torch.tensor(float(len(exs)), dtype=torch.float64)
 
+    def _neg_f1(self, forward, batch):
+        # -F1 of greedy generations: the g estimate only needs the two scalars, so the objective may be
+        # non-differentiable. ``forward`` is unused: generate() drives the (perturbed) module itself, and
+        # under ZeRO-3 with several ranks it runs synced (every rank decodes until all are done).
+        exs = batch["examples"]
+        preds = self._generate(exs)
+        f1 = sum(self.task.score([ex], [p])["f1"] for ex, p in zip(exs, preds))
+        return torch.tensor(-f1, dtype=torch.float64), torch.tensor(float(len(exs)), dtype=torch.float64)
+
     def _choice_loss(self, forward, batch):
         # Cross-entropy of the gold candidate among all candidates, from their mean token NLLs: pushes the
         # right option above the wrong ones (what accuracy measures) rather than raising every option's
@@ -322,14 +335,10 @@ class Trainer:
         return res
 
     def _generate(self, examples) -> list[str]:
-        from .tasks import encode_prompts
+        from .tasks import generate_answers
 
-        batch = encode_prompts(self.tokenizer, examples, self.cfg.data.max_length)
-        batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-        out = self.engine.module.generate(**batch, max_new_tokens=32, do_sample=False,
-                                          synced_gpus=self.world > 1, pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, batch["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return generate_answers(self.engine.module, self.tokenizer, examples, self.cfg.data.max_length,
+                                device=self.engine.device, synced=self.world > 1)
 
     # -- state -----------------------------------------------------------------------------
     def save(self) -> Path:

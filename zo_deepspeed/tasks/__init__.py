@@ -17,8 +17,8 @@ Other tasks read local files in their standard layout: ``build_splits("rte", dat
 from .base import (DATA_EXTENSIONS, ClassificationTask, Example, GenerationTask, Row, Task, TaskDataError,
                    TaskFileNotFoundError, get_task, list_tasks, normalize_split, postprocess_generation, read_table,
                    register_task)
-from .encoding import (IGNORE_INDEX, encode_candidates, encode_for_training, encode_prompts, generation_prompt,
-                       gold_answers, pick_prediction, score_candidates, sequence_losses, single_token_candidates)
+from .encoding import (IGNORE_INDEX, encode_candidates, encode_for_training, encode_prompts, generate_answers,
+                       generation_prompt, gold_answers, pick_prediction, score_candidates, sequence_losses, single_token_candidates)
 from .metrics import accuracy, exact_match, mean_exact_match, mean_squad_f1, normalize_answer, squad_f1
 from .sampling import build_splits, sample_examples, sample_per_class, split_train_dev
 from . import templates as _templates  # noqa: F401  (registers sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop)
@@ -29,7 +29,7 @@ DEFAULT_TASK = "rotten_tomatoes"
 __all__ = ["DEFAULT_TASK", "DATA_EXTENSIONS", "Example", "Row", "Task", "ClassificationTask",
            "GenerationTask", "TaskDataError", "TaskFileNotFoundError", "register_task", "get_task",
            "list_tasks", "normalize_split", "read_table", "postprocess_generation", "IGNORE_INDEX",
-           "encode_for_training", "encode_candidates", "encode_prompts", "sequence_losses", "pick_prediction",
+           "encode_for_training", "encode_candidates", "encode_prompts", "generate_answers", "sequence_losses", "pick_prediction",
            "score_candidates", "single_token_candidates", "generation_prompt", "gold_answers", "accuracy",
            "squad_f1", "exact_match", "mean_squad_f1", "mean_exact_match", "normalize_answer", "build_splits",
            "sample_examples", "sample_per_class", "split_train_dev"]

@@ -259,5 +259,21 @@ def encode_prompts(tokenizer, examples: Sequence[Example], max_length: int, *, p
     return batch
 
 
-__all__ = ["IGNORE_INDEX", "encode_for_training", "encode_candidates", "sequence_losses", "pick_prediction",
+def generate_answers(model, tokenizer, examples: Sequence[Example], max_length: int, *, device=None,
+                     synced: bool = False, max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuations (raw text, special tokens dropped) of the examples' prompts, one batch.
+
+    ``synced``: set under ZeRO-3 with several ranks. Each rank then keeps running forwards until every
+    rank has finished decoding, because every forward gathers parameters collectively; without it a
+    rank that stops early leaves the others waiting in an all-gather forever.
+    """
+    batch = encode_prompts(tokenizer, examples, max_length)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                         pad_token_id=_pad_id(tokenizer))
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+__all__ = ["generate_answers", "IGNORE_INDEX", "encode_for_training", "encode_candidates", "sequence_losses", "pick_prediction",
            "score_candidates", "single_token_candidates", "generation_prompt", "gold_answers", "encode_prompts", "postprocess_generation"]

@@ -37,7 +37,12 @@ def _train(run, world=1, fault=None, model=None, extra=()):
     """A fresh run when ``model`` is given, else ``--resume``; ``fault`` arms ZO_DEEPSPEED_FAULT."""
     args = (["train", f"model.path={model}", *ARGS, *extra, f"train.output_dir={run}"] if model else
             ["train", "--resume", f"train.output_dir={run}"])
-    return run_cli(args, world=world, check=False, timeout=600, env={"ZO_DEEPSPEED_FAULT": fault} if fault else None)
+    # One thread per process, at every world size: these runs are compared bitwise across processes. With
+    # two threads a W=1 resume once (1 run in 3, loaded machine) differed from the uninterrupted run in a
+    # loss's 7th digit on an identical code path. Suspected: multi-threaded MKL sgemm splitting the same
+    # product differently between processes (MKL_DYNAMIC picks its thread count at run time).
+    env = {"OMP_NUM_THREADS": "1", **({"ZO_DEEPSPEED_FAULT": fault} if fault else {})}
+    return run_cli(args, world=world, check=False, timeout=600, env=env)
 
 
 def _ok(p):

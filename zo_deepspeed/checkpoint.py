@@ -89,8 +89,11 @@ def _rank_file(r: int, w: int) -> str:
     return f"rank{r:05d}_of_{w:05d}.safetensors"
 
 
-def save_checkpoint(engine, run_dir: Path, extra: dict | None = None) -> Path:
-    """Collective. Flushes the pending update, then writes checkpoints/step_XXXXXXXX/."""
+def save_checkpoint(engine, run_dir: Path, extra: dict | None = None, keep: int = 0) -> Path:
+    """Collective. Flushes the pending update, then writes checkpoints/step_XXXXXXXX/.
+
+    ``keep`` > 0: afterwards delete all but the newest ``keep`` complete checkpoints (a full checkpoint
+    is the size of the model, so a long run saving every few hundred steps would fill the disk)."""
     engine.flush()
     rank, world = _world()
     step = engine.step_count
@@ -131,6 +134,11 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None) -> Path:
         _fsync_dir(root)
         crash_point("ckpt_latest", step)
         atomic_write_text(root / "latest", final.name)
+        if keep > 0:  # only once `latest` names the new one: a crash above leaves every older one
+            done = sorted(d for d in root.glob("step_*") if (d / "state.json").exists())
+            for old in done[:-keep]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

@@ -85,6 +85,8 @@ class TrainConfig:
     """Examples per evaluation forward per rank."""
     save_every: int = 0
     """Write a full checkpoint every K steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Full checkpoints kept in checkpoints/ (the newest; each is the size of the model); 0: keep every one."""
     output_dir: str = "runs/default"
     """Run directory: config.json, metrics.jsonl, trajectory.jsonl, checkpoints/, export/."""
     zero_shot_eval: bool = True
@@ -99,8 +101,8 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.grad_accum and train.eval_batch_size must be >= 1")
         if self.objective not in ("auto", "loss", "choice", "accuracy", "f1"):
             raise ValueError(f"train.objective={self.objective!r}; use auto, loss, choice, accuracy or f1")
-        if self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("train.eval_every and train.save_every must be >= 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("train.eval_every, train.save_every and train.keep_checkpoints must be >= 0")
 
 
 @dataclass

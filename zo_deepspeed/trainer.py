@@ -342,7 +342,8 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.engine, self.run_dir, extra={"seed": self.cfg.zo.seed})
+        return ckpt.save_checkpoint(self.engine, self.run_dir, extra={"seed": self.cfg.zo.seed},
+                                    keep=self.cfg.train.keep_checkpoints)
 
     def _resume(self) -> None:
         last = ckpt.latest_checkpoint(self.run_dir)

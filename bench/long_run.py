@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -122,12 +123,26 @@ def load(name: str) -> dict:
     d = OUT / name
     recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     wall = json.loads((d / "wall.json").read_text()) if (d / "wall.json").exists() else {}
-    steps = [r for r in recs if "loss" in r]
+    test = [(r["step"], r["test/accuracy"]) for r in recs if "test/accuracy" in r]
+    # an arm stopped by hand is finished with --resume train.steps=<its last checkpoint>: steps logged past
+    # that checkpoint were discarded with it, and a resumed step is logged twice (keep the last)
+    end = test[-1][0] if len(test) > 1 else float("inf")
+    steps = list({r["step"]: r for r in recs if "loss" in r and r["step"] <= end}.values())
+    steps.sort(key=lambda r: r["step"])
     return {"name": name, "recs": recs, "wall": wall,
             "loss": [(r["step"], r["loss"]) for r in steps],
             "dev": [(r["step"], r["dev/accuracy"]) for r in recs if "dev/accuracy" in r],
-            "test": [(r["step"], r["test/accuracy"]) for r in recs if "test/accuracy" in r],
-            "s_per_step": ((steps[-1]["time"] - steps[0]["time"]) / (len(steps) - 1)) if len(steps) > 1 else None}
+            "test": test,
+            "s_per_step": statistics.median(b["time"] - a["time"] for a, b in zip(steps, steps[1:]))
+            if len(steps) > 1 else None, "settings": _settings(d, wall)}
+
+
+def _settings(d: Path, wall: dict) -> str:
+    if "lr" in wall:  # the backprop arm
+        return f"AdamW lr {wall['lr']}, fp32"
+    cfg = json.loads((d / "config.json").read_text())
+    zo, mode = cfg["zo"], cfg.get("adapter", {}).get("mode", "none")
+    return f"ZO-SGD lr {zo['lr']:g}, eps {zo['eps']:g}, {'full' if mode == 'none' else mode}, {cfg['model']['dtype']}"
 
 
 def smooth(xs: list[float], k: int) -> list[float]:
@@ -164,16 +179,15 @@ def report(args) -> None:
     fig.savefig(PLOT, dpi=110)
     rows = []
     for a in arms:
-        zs, fin = (a["test"][0][1], a["test"][-1][1]) if a["test"] else (None, None)
+        zs = a["test"][0][1] if a["test"] else None
+        fin = a["test"][-1][1] if len(a["test"]) > 1 else None
         best_dev = max(a["dev"], key=lambda t: t[1]) if a["dev"] else None
         rows.append([a["name"], len(a["loss"]), f"{zs:.3f}" if zs is not None else "-",
                      f"{fin:.3f}" if fin is not None else "-",
                      f"{best_dev[1]:.3f} @ {best_dev[0]}" if best_dev else "-",
                      f"{a['s_per_step']:.2f}" if a["s_per_step"] else "-",
-                     f"{a['wall'].get('wall_s', float('nan')) / 60:.1f}",
-                     "`" + " ".join(a["wall"].get("argv") or a["wall"].get("overrides") or []) + "`"
-                     + (f" lr {a['wall']['lr']}" if "lr" in a["wall"] else "")])
-    body = C.table(["arm", "steps", "test acc zero-shot", "test acc final", "best dev acc @ step", "s/step",
+                     f"{(a['recs'][-1]['time'] - a['recs'][0]['time']) / 60:.0f}", a["settings"]])
+    body = C.table(["arm", "steps", "test acc zero-shot", "test acc final", "best dev acc @ step", "s/step (median)",
                     "wall min", "settings"], rows)
     body += f"\n\n![long run]({os.path.relpath(PLOT, C.BENCH)})\n"
     if args.notes:

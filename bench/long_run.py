@@ -161,14 +161,15 @@ def report(args) -> None:
 
     arms = [load(n) for n in args.arms]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for a in arms:
+    for i, a in enumerate(arms):
+        c = f"C{i}"  # one colour per arm: dev solid, test dashed
         if a["dev"]:
-            ax1.plot(*zip(*a["dev"]), marker=".", label=f"{a['name']}: dev (200)")
+            ax1.plot(*zip(*a["dev"]), marker=".", color=c, label=f"{a['name']}: dev (200)")
         if a["test"]:
-            ax1.plot(*zip(*a["test"]), marker="s", ls="--", label=f"{a['name']}: test (500)")
+            ax1.plot(*zip(*a["test"]), marker="s", ls="--", color=c, label=f"{a['name']}: test (500)")
         if a["loss"]:
             s, l = zip(*a["loss"])
-            ax2.plot(s, smooth(list(l), 50), label=f"{a['name']} (mean of 50 steps)")
+            ax2.plot(s, smooth(list(l), 50), color=c, label=f"{a['name']} (mean of 50 steps)")
     ax1.axhline(0.85, color="grey", lw=0.8, ls=":")
     ax1.set(xlabel="step (batch 16)", ylabel="accuracy", title="Rotten Tomatoes, SmolLM2-135M-Instruct")
     ax2.set(xlabel="step", ylabel="training loss (choice CE)", title="training loss")

@@ -1,7 +1,7 @@
 """The long documented run: ZO fine-tuning of the default job next to a backprop reference.
 
 Both arms use the default job's data (SmolLM2-135M-Instruct, Rotten Tomatoes: 1000 train,
-200 dev, 500 test, seed 0), its batch of 16, its batch order (``Trainer.batch_ids``: a pure
+200 dev, 500 test, seed 0), its batch of 16, its batch order (``trainer.batch_indices``: a pure
 function of seed and step) and its objective (``choice``: cross-entropy of the gold verbalizer
 among " negative"/" positive"); both are evaluated with the trainer's own scorer.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -73,7 +72,7 @@ def run_backprop(args) -> None:
 
     from zo_deepspeed.run_config import load_run_config
     from zo_deepspeed.tasks import build_splits, get_task, score_candidates, single_token_candidates
-    from zo_deepspeed.trainer import load_tokenizer, resolve_model_path
+    from zo_deepspeed.trainer import batch_indices, load_tokenizer, resolve_model_path
 
     cfg = load_run_config(None, list(args.set))
     task = get_task(cfg.data.task)
@@ -105,8 +104,7 @@ def run_backprop(args) -> None:
     model.train()
     n, b = len(splits["train"]), cfg.train.batch_size
     for step in range(args.steps):
-        rng = random.Random(f"{cfg.zo.seed}/batch/{step}")  # Trainer.batch_ids: same batches as the ZO arm
-        exs = [splits["train"][i] for i in rng.sample(range(n), b)]
+        exs = [splits["train"][i] for i in batch_indices(cfg.zo.seed, step, n, b)]  # the ZO arm's batches
         loss = choice_loss(model, tok, exs, cfg.data.max_length, single_token_candidates(tok, exs))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,7 +26,7 @@ from .run_config import DEFAULT_DS_CONFIG, RunConfig
 from .trajectory import read_log
 
 __all__ = ["Trainer", "EvalResult", "setup_distributed", "EXIT_PREEMPTED", "build_ds_config", "load_tokenizer",
-           "resolve_model_path"]
+           "resolve_model_path", "batch_indices"]
 
 # Exit status after a SIGTERM-triggered checkpoint: launch/slurm.sbatch requeues on it.
 EXIT_PREEMPTED = 75
@@ -149,6 +149,13 @@ class _RunLock:
                                "pick another train.output_dir or stop that run") from None
 
 
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
+    """Indices into the n training examples of step ``step``'s global batch: a pure function of (seed, step),
+    so a resumed run, and any reference trained outside the trainer, sees the same batches."""
+    rng = random.Random(f"{seed}/batch/{step}")
+    return rng.sample(range(n), batch_size) if batch_size <= n else [rng.randrange(n) for _ in range(batch_size)]
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False, eval_only: bool = False):
         from .tasks import build_splits, get_task
@@ -264,10 +271,7 @@ class Trainer:
         return res
 
     def batch_ids(self, step: int) -> list[int]:
-        """Indices of step ``step``'s global batch: a pure function of (seed, step), so resume is exact."""
-        n, b = len(self.splits["train"]), self.cfg.train.batch_size
-        rng = random.Random(f"{self.cfg.zo.seed}/batch/{step}")
-        return rng.sample(range(n), b) if b <= n else [rng.randrange(n) for _ in range(b)]
+        return batch_indices(self.cfg.zo.seed, step, len(self.splits["train"]), self.cfg.train.batch_size)
 
     def _encode(self, examples):
         from .tasks import encode_for_training

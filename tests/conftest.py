@@ -81,6 +81,12 @@ def tiny_lm_dir(tmp_path_factory):
     return root
 
 
+def write_jsonl(path, rows):
+    """One JSON object per line (a task's data file); returns ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_cli(args: list[str], world: int = 1, cwd=None, timeout: int = 900, check: bool = True,
             env: dict | None = None):
     """``zo-deepspeed`` as a user runs it: plain python (world 1) or the deepspeed launcher.

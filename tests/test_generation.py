@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from conftest import run_cli, write_jsonl
 from zo_deepspeed.tasks import generate_answers, get_task, normalize_answer, squad_f1
 
 pytestmark = pytest.mark.dist
@@ -33,10 +33,6 @@ def _rows(n: int, seed: int, tok) -> list[dict]:
             rows.append({"id": f"s{seed}-{len(rows)}", "title": "T", "context": ctx, "question": q,
                          "answers": {"text": ["placeholder"], "answer_start": [0]}})
     return rows
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ def squad_dir(gen_lm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("squad")
     for name, n, seed in (("train", 12, 1), ("validation", 8, 2)):
         rows = _rows(n, seed, tok)
-        _write(root / f"{name}.jsonl", rows)
+        write_jsonl(root / f"{name}.jsonl", rows)
         exs = task.load_file(root / f"{name}.jsonl")
         with torch.no_grad():
             gens = [task.postprocess(g) for g in generate_answers(model, tok, exs, 64)]
@@ -72,7 +68,7 @@ def squad_dir(gen_lm_dir, tmp_path_factory):
             words = gen.split()
             gold = " ".join(words[:max(1, len(words) // 2)]) if i % 2 == 0 and words else "zebra"
             row["answers"] = {"text": [gold], "answer_start": [0]}
-        _write(root / f"{name}.jsonl", rows)
+        write_jsonl(root / f"{name}.jsonl", rows)
     return root
 
 

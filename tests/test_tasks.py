@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import write_jsonl
 from zo_deepspeed.tasks import (ClassificationTask, Example, TaskDataError, TaskFileNotFoundError, accuracy,
                                 build_splits, encode_candidates, encode_for_training, encode_prompts, exact_match,
                                 generation_prompt, get_task, gold_answers, list_tasks, mean_squad_f1,
@@ -15,11 +16,6 @@ from zo_deepspeed.tasks import (ClassificationTask, Example, TaskDataError, Task
                                 score_candidates, sequence_losses, single_token_candidates, squad_f1)
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def write_table(path, rows):

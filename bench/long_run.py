@@ -70,9 +70,10 @@ def run_backprop(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from zo_deepspeed.build import load_tokenizer, resolve_model_path
     from zo_deepspeed.run_config import load_run_config
     from zo_deepspeed.tasks import build_splits, get_task, score_candidates, single_token_candidates
-    from zo_deepspeed.trainer import batch_indices, load_tokenizer, resolve_model_path
+    from zo_deepspeed.trainer import batch_indices
 
     cfg = load_run_config(None, list(args.set))
     task = get_task(cfg.data.task)

@@ -34,6 +34,7 @@ import _common as C  # noqa: E402  (puts the repository root on sys.path)
 import torch
 
 import zo_deepspeed as zd
+from zo_deepspeed.distributed import shard_batch
 
 LR, EPS = 1e-5, 1e-3
 
@@ -56,18 +57,12 @@ def worker(spec_path: str) -> None:
     torch.set_num_threads(1)
     eng = zd.initialize(lambda: AutoModelForCausalLM.from_pretrained(spec["model_dir"]), ds_config(),
                         zd.ZOConfig(lr=LR, eps=EPS, seed=3))
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     batches = torch.load(spec["batches"])
-
-    def shard(b):
-        idx = torch.tensor_split(torch.arange(b["input_ids"].shape[0]), world)[rank]
-        return {k: v[idx] for k, v in b.items()}
-
-    eng.step(shard(batches[0]))  # warm-up: compiles the kernels, first gathers
+    eng.step(shard_batch(batches[0]))  # warm-up: compiles the kernels, first gathers
     dscomm.comms_logger.reset_data()
     times, steps = [], []
     for b in batches[1:]:
-        mine = shard(b)
+        mine = shard_batch(b)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         r = eng.step(mine)
@@ -80,6 +75,7 @@ def worker(spec_path: str) -> None:
     counts = {op: sum(rec[0] for rec in sizes.values()) for op, sizes in raw.items()}
     eng.flush()
     sd = gather_state_dict(eng.module)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if rank == 0:
         torch.save({k: v.float() for k, v in sd.items()}, spec["out"] + ".pt")
         json.dump({"times": times, "steps": steps, "comm_bytes": comm, "comm_counts": counts, "world": world,

@@ -41,6 +41,7 @@ import _common as C  # noqa: I001
 import torch
 
 import zo_deepspeed as zd
+from zo_deepspeed.distributed import shard_batch
 from zo_deepspeed.engine import causal_lm_loss
 
 LR, EPS = 1e-6, 1e-3
@@ -127,8 +128,7 @@ def worker(spec_path: str) -> None:
                         zd.ZOConfig(lr=LR, eps=EPS, fuse_update=True))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     full = C.make_batch(C.model_config(spec["model"]).vocab_size, spec["batch"], spec["seq"])
-    idx = torch.tensor_split(torch.arange(spec["batch"]), world)[rank]
-    batch = {k: v[idx] for k, v in full.items()}
+    batch = shard_batch(full)
     fns = {"forward": forward_fn(eng, batch), "step": lambda: eng.step(batch)}
 
     def timed_max(fn) -> float:

@@ -102,8 +102,7 @@ def results(tiny_lm_dir, tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zo_deepspeed.checkpoint import model_fingerprint
-    from zo_deepspeed.trajectory import FORMAT
+    from zo_deepspeed.trajectory import LogHeader, model_fingerprint
 
     root = tmp_path_factory.mktemp("bad_input")
     notok, mix = root / "model_notok", root / "model_mix"
@@ -123,9 +122,9 @@ def results(tiny_lm_dir, tmp_path_factory):
             (d / name).parent.mkdir(parents=True, exist_ok=True)
             (d / name).write_text(content if isinstance(content, str) else json.dumps(content))
         if cid == "replay_other_base_model":  # a trainer log header recorded on the tiny model
-            header = {"format": FORMAT, "zo": {}, "model": str(tiny_lm_dir),
-                      "base_fingerprint": model_fingerprint(tiny_lm_dir)}
-            (d / "trajectory.jsonl").write_text(json.dumps(header) + "\n")
+            header = LogHeader(zo={}, restore="inplace", model=str(tiny_lm_dir),
+                               base_fingerprint=model_fingerprint(tiny_lm_dir))
+            (d / "trajectory.jsonl").write_text(json.dumps(header.to_dict()) + "\n")
         before[cid] = _snapshot(d)
         spec.append([cid, _fmt(argv, m=tiny_lm_dir, d=d, notok=notok, mix=mix)])
     (root / "spec.json").write_text(json.dumps(spec))
@@ -166,7 +165,7 @@ def test_exit_status_of_a_real_process(tiny_lm_dir, tmp_path):
 def test_world_size_that_does_not_divide_the_batch():
     # the CLI case above runs at world size 1 (with grad_accum); this is the same check at world size 2
     from zo_deepspeed.run_config import RunConfig
-    from zo_deepspeed.trainer import build_ds_config
+    from zo_deepspeed.build import build_ds_config
 
     cfg = RunConfig()
     cfg.train.batch_size = 3

@@ -5,7 +5,7 @@ import pytest
 
 from zo_deepspeed import ZOConfig
 from zo_deepspeed.run_config import load_run_config
-from zo_deepspeed.trajectory import StepRecord, TrajectoryLog, read_log
+from zo_deepspeed.trajectory import LogHeader, StepRecord, TrajectoryLog, read_log
 
 
 @pytest.mark.parametrize("kw,needle", [
@@ -52,7 +52,7 @@ def test_missing_config_file(tmp_path):
 
 def test_trajectory_log_drops_a_torn_last_record_only(tmp_path):
     path = tmp_path / "t.jsonl"
-    log = TrajectoryLog(path, header={"zo": {}})
+    log = TrajectoryLog(path, LogHeader(zo={}, restore="inplace"))
     for t in range(3):
         log.append(StepRecord(t, (t + 10,), (0.5,), 1e-3, 0.0, 1e-3, 1.0, 0.9))
     with open(path, "a") as f:

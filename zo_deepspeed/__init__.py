@@ -2,8 +2,8 @@
 from .adapters import AdapterConfig, adapt
 from .config import ZOConfig
 from .engine import StepResult, ZOEngine, causal_lm_loss, initialize, replay
-from .trajectory import StepRecord, TrajectoryLog, read_log
+from .trajectory import LogHeader, StepRecord, TrajectoryLog, read_log
 
-__all__ = ["ZOConfig", "AdapterConfig", "adapt", "ZOEngine", "StepResult", "StepRecord", "TrajectoryLog",
+__all__ = ["ZOConfig", "AdapterConfig", "adapt", "ZOEngine", "StepResult", "StepRecord", "LogHeader", "TrajectoryLog",
            "initialize", "replay", "read_log", "causal_lm_loss"]
 __version__ = "0.1.0"

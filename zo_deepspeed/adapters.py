@@ -19,7 +19,7 @@ weights: :func:`prepare` (called by ``initialize``) draws ``prefix_tokens``
 token ids from the vocabulary with ``init_seed``, runs them through the base
 model and copies each layer's keys and values into the prefix.
 
-The chosen config is attached to the model (:func:`adapter_of`), written into
+The chosen config is remembered for the model (:func:`adapter_of`), written into
 the trajectory log header, and rebuilt by ``replay`` on the base model before
 the log is applied. LoRA's init is a pure function of the seed, so replay is
 exact anywhere; the prefix init is a forward, so replay at another world size
@@ -40,12 +40,15 @@ import copy
 import dataclasses
 import json
 import math
+import weakref
 import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+
+from .partitions import assign_full, full_shape, is_partitioned, iter_full_params
 
 __all__ = ["AdapterConfig", "ADAPTER_MODES", "MEZO_RECOMMENDED", "adapt", "adapter_of", "prepare",
            "adapter_params", "ExportView", "export_view"]
@@ -58,8 +61,10 @@ MEZO_RECOMMENDED = {
     "prefix": {"lr": (1e-2, 1e-3), "eps": 1e-1},
 }
 
-_ATTR = "zo_adapter_config"      # the AdapterConfig (as a dict) attached to an adapted model
-_PREPARED = "zo_adapter_prepared"  # set once prepare() has initialised the prefix
+# The AdapterConfig of each adapted model, and the models whose prefix prepare() has initialised. Kept
+# here, keyed weakly by the model, rather than set as attributes on the nn.Module: adapters.py owns it.
+_CONFIGS: "weakref.WeakKeyDictionary[torch.nn.Module, AdapterConfig]" = weakref.WeakKeyDictionary()
+_PREPARED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 @dataclass
@@ -124,8 +129,7 @@ class AdapterConfig:
 # -- building ----------------------------------------------------------------------------------------
 def adapter_of(module) -> AdapterConfig | None:
     """The AdapterConfig a model was adapted with (None: not adapted, or mode none)."""
-    d = getattr(module, _ATTR, None)
-    return AdapterConfig.from_dict(d) if d else None
+    return _CONFIGS.get(module)
 
 
 def adapter_params(module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -150,7 +154,7 @@ def adapt(model, cfg: AdapterConfig):
         return lambda: adapt(factory(), cfg)
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
-    if getattr(model, _ATTR, None):
+    if model in _CONFIGS:
         raise ValueError("the model already carries an adapter; pass the base model")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if cfg.mode == "lora":
@@ -171,10 +175,10 @@ def adapt(model, cfg: AdapterConfig):
     if not params:
         raise ValueError(f"adapter.mode={cfg.mode} added no trainable parameter to the model")
     for n, p in params:
-        if not hasattr(p, "ds_tensor") and p.dtype != dtype:
+        if not is_partitioned(p) and p.dtype != dtype:
             p.data = p.data.to(dtype)  # peft builds the prefix in float32 whatever the base dtype
-        _assign(p, _initial_value(n, p, cfg))
-    setattr(peft_model, _ATTR, cfg.to_dict())
+        assign_full(p, _initial_value(n, p, cfg))
+    _CONFIGS[peft_model] = cfg
     return peft_model
 
 
@@ -183,12 +187,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
 
 
-def _full_shape(p) -> torch.Size:
-    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
-
-
 def _initial_value(name: str, p, cfg: AdapterConfig) -> torch.Tensor:
-    shape = _full_shape(p)
+    shape = full_shape(p)
     g = _generator(cfg.init_seed, name)
     if ".lora_B." in name:
         return torch.zeros(shape)
@@ -202,18 +202,6 @@ def _initial_value(name: str, p, cfg: AdapterConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _assign(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set a whole parameter, partitioned (collective: every rank calls it in the same order) or not."""
-    if hasattr(p, "ds_tensor"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            p.data.copy_(value.to(p.device, p.dtype).view_as(p.data))
-    else:
-        p.data.copy_(value.to(p.device, p.dtype).view_as(p.data))
-
-
-@torch.no_grad()
 def prepare(module, device: torch.device | str | None = None) -> None:
     """Data-dependent initialisation, after the DeepSpeed engine exists and before the ZO state is built.
 
@@ -224,7 +212,7 @@ def prepare(module, device: torch.device | str | None = None) -> None:
     ``device``: where the forward's inputs go (the DeepSpeed engine's device; default: the parameters').
     """
     cfg = adapter_of(module)
-    if cfg is None or cfg.mode != "prefix" or cfg.prefix_init != "activations" or getattr(module, _PREPARED, False):
+    if cfg is None or cfg.mode != "prefix" or cfg.prefix_init != "activations" or module in _PREPARED:
         return
     base = module.get_base_model()
     pcfg = module.active_peft_config
@@ -250,8 +238,8 @@ def prepare(module, device: torch.device | str | None = None) -> None:
     # peft reads the prefix as weight.view(tokens, layers * 2, heads, head_dim), layer l's keys at 2l, values at 2l+1
     value = kv.permute(3, 0, 1, 2, 4).reshape(cfg.prefix_tokens, -1)
     (name, p), = adapter_params(module)
-    _assign(p, value.float())
-    setattr(module, _PREPARED, True)
+    assign_full(p, value.float())
+    _PREPARED.add(module)
 
 
 # -- export ----------------------------------------------------------------------------------------------
@@ -294,8 +282,6 @@ def export_view(module) -> ExportView | None:
 
 
 def _prefix_params(module) -> Iterator[tuple[str, torch.Tensor]]:
-    from .partitions import iter_full_params
-
     # peft's saved name for a prefix (what PeftModel.from_pretrained reads back)
     for _, t in iter_full_params(module.prompt_encoder):
         yield "prompt_embeddings", t
@@ -304,8 +290,6 @@ def _prefix_params(module) -> Iterator[tuple[str, torch.Tensor]]:
 def _merged_lora(base, scale: float) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's parameters under their original names, LoRA layers merged: W + scale * B @ A.
     Streams like iter_full_params (collective); holds at most one layer's base weight and factors."""
-    from .partitions import iter_full_params
-
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in iter_full_params(base):
         for part, tag in ((".base_layer.", "W"), (".lora_A.", "A"), (".lora_B.", "B")):

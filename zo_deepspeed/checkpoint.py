@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import barrier, world
 from .faults import crash_point
+from .fsutil import atomic_write_text, fsync_dir
 from .partitions import iter_full_params
+from .trajectory import read_log
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_hf", "atomic_write_text",
-           "model_fingerprint", "CheckpointMismatch", "CheckpointInfo"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resume", "export_hf", "CheckpointMismatch",
+           "CheckpointInfo"]
 
 
 class CheckpointMismatch(RuntimeError):
@@ -32,40 +35,10 @@ class CheckpointMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    path: Path
+    path: Path | None  # None: no checkpoint yet (the run starts from the base weights)
     step: int
     extra: dict
-
-
-def _world():
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier():
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """temp file + fsync + rename: readers see the old content or the new, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    how: str = "checkpoint"  # resume: "checkpoint" (its own tensors), "replay" (the log), "base" (none yet)
 
 
 def _save_tensors(tensors: dict, path: Path) -> str:
@@ -90,13 +63,15 @@ def _rank_file(r: int, w: int) -> str:
 
 
 def save_checkpoint(engine, run_dir: Path, extra: dict | None = None, keep: int = 0) -> Path:
-    """Collective. Flushes the pending update, then writes checkpoints/step_XXXXXXXX/.
+    """Collective. Flushes the pending update, then writes checkpoints/step_XXXXXXXX/: each rank's
+    ``engine.local_tensors()`` (replicas: rank 0's only) and, in state.json, the layout, the files'
+    sha256 and ``engine.state_dict()``.
 
     ``keep`` > 0: afterwards delete all but the newest ``keep`` complete checkpoints (a full checkpoint
     is the size of the model, so a long run saving every few hundred steps would fill the disk)."""
     engine.flush()
-    rank, world = _world()
-    step = engine.step_count
+    rank, size = world()
+    step, layout = engine.step_count, engine.layout
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -104,34 +79,26 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None, keep: int 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
-    replica = engine.parts.kind == "replica"
+    barrier()
     digest = None
-    if rank == 0 or not replica:  # replicas are identical: rank 0 speaks for all
-        tensors = {}
-        with engine.parts.editing() as pieces:
-            for pc in pieces:
-                tensors[f"{pc.slot}|{pc.key}"] = pc.tensor.detach().cpu().clone()
-        for (key, slot), b in engine.state.bases.items():
-            tensors[f"base:{slot}|{key}"] = b.detach().cpu().clone()
-        digest = _save_tensors(tensors, tmp / _rank_file(rank, world))
+    if rank == 0 or layout.kind != "replica":  # replicas are identical: rank 0 speaks for all
+        digest = _save_tensors(engine.local_tensors(), tmp / _rank_file(rank, size))
     crash_point("ckpt_files", step)
-    digests = [None] * world
-    if torch.distributed.is_initialized() and world > 1:
+    digests = [digest]
+    if size > 1:
+        digests = [None] * size
         torch.distributed.all_gather_object(digests, digest)
-    else:
-        digests = [digest]
     if rank == 0:
-        state = {"step": step, "world_size": world, "layout": engine.parts.kind, "restore": engine.state.restore,
-                 "files": {(_rank_file(r, world)): d for r, d in enumerate(digests) if d is not None},
-                 "extra": extra or {}}
+        state = {"step": step, **layout.to_dict(),
+                 "files": {(_rank_file(r, size)): d for r, d in enumerate(digests) if d is not None},
+                 "engine": engine.state_dict(), "extra": extra or {}}
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
         crash_point("ckpt_rename", step)
         # `final` exists only when this step is saved again (after a resume); a crash between these
         # two lines leaves `latest` naming a missing folder, and latest_checkpoint falls back
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         crash_point("ckpt_latest", step)
         atomic_write_text(root / "latest", final.name)
         if keep > 0:  # only once `latest` names the new one: a crash above leaves every older one
@@ -139,7 +106,7 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None, keep: int 
             for old in done[:-keep]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -157,36 +124,66 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(engine, ckpt: Path) -> CheckpointInfo:
-    """Collective. Restores pieces and master/backup copies written at the same world size and layout."""
-    rank, world = _world()
-    state = json.loads((Path(ckpt) / "state.json").read_text())
-    if state["world_size"] != world or state["layout"] != engine.parts.kind or state["restore"] != engine.state.restore:
+    """Collective. Loads a checkpoint written at the engine's world size and layout into it: its
+    tensors, then its state (``engine.load_state_dict``). Another layout: :class:`CheckpointMismatch`
+    (nothing changed; :func:`resume` then rebuilds the weights from the log instead)."""
+    state = _read_state(ckpt)
+    _load_tensors(engine, ckpt, state)
+    engine.load_state_dict(state["engine"])
+    return CheckpointInfo(Path(ckpt), int(state["step"]), state.get("extra", {}))
+
+
+def resume(engine, run_dir: Path) -> CheckpointInfo:
+    """Collective. Bring ``engine`` (built on the base weights) to the run's latest checkpoint: the one
+    path every resume takes. The weights come from the checkpoint's own tensors when it was written at
+    this world size and layout, else from the run's trajectory log replayed up to its step; the state
+    comes from the checkpoint's ``engine.state_dict()`` either way."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return CheckpointInfo(None, 0, {}, "base")
+    state = _read_state(last)
+    try:
+        _load_tensors(engine, last, state)
+        how = "checkpoint"
+    except CheckpointMismatch:
+        step = int(state["step"])
+        records = read_log(Path(run_dir) / "trajectory.jsonl").records
+        if len(records) < step:
+            raise ValueError(f"{run_dir}/trajectory.jsonl holds {len(records)} steps but {last.name} is at step "
+                             f"{step}: the log cannot rebuild the checkpoint at this layout; resume at world size "
+                             f"{state['world_size']} or restore the run's trajectory.jsonl") from None
+        engine.replay(records[:step])
+        how = "replay"
+    engine.load_state_dict(state["engine"])
+    return CheckpointInfo(last, int(state["step"]), state.get("extra", {}), how)
+
+
+def _read_state(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "state.json").read_text())
+
+
+def _load_tensors(engine, ckpt: Path, state: dict) -> None:
+    rank, size = world()
+    layout = engine.layout
+    if {k: state[k] for k in ("world_size", "layout", "restore")} != layout.to_dict():
         raise CheckpointMismatch(f"checkpoint {ckpt} was written at world size {state['world_size']} with layout "
-                                 f"{state['layout']}/{state['restore']}; this run is {world} {engine.parts.kind}/"
-                                 f"{engine.state.restore}")
-    replica = engine.parts.kind == "replica"
-    name = _rank_file(0 if replica else rank, world)
+                                 f"{state['layout']}/{state['restore']}; this run is {size} {layout.kind}/"
+                                 f"{layout.restore}")
+    replica = layout.kind == "replica"
+    name = _rank_file(0 if replica else rank, size)
     path = Path(ckpt) / name
     ok = path.exists() and _sha256(path) == state["files"].get(name)
     # every rank learns whether any rank's file is bad, so all stop with the same message (no rank is
     # left waiting in a collective for one that raised)
-    oks = [ok] * world
-    if torch.distributed.is_initialized() and world > 1:
+    oks = [ok]
+    if size > 1:
+        oks = [ok] * size
         torch.distributed.all_gather_object(oks, ok)
-    bad = [_rank_file(0 if replica else r, world) for r, o in enumerate(oks) if not o]
+    bad = [_rank_file(0 if replica else r, size) for r, o in enumerate(oks) if not o]
     if bad:
         raise ValueError(f"checkpoint {ckpt}: {', '.join(sorted(set(bad)))} missing or fails its sha256 checksum "
                          f"(corrupt or truncated); delete {ckpt} to resume from the previous checkpoint")
-    tensors = load_file(str(path))
-    with engine.parts.editing() as pieces:
-        for pc in pieces:
-            pc.tensor.copy_(tensors[f"{pc.slot}|{pc.key}"])
-    for (key, slot), b in engine.state.bases.items():
-        b.copy_(tensors[f"base:{slot}|{key}"])
-    engine.state.offset = []
-    engine.pending = None
-    engine.step_count = int(state["step"])
-    return CheckpointInfo(Path(ckpt), int(state["step"]), state.get("extra", {}))
+    engine.load_local_tensors(load_file(str(path)))
 
 
 def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 << 30) -> Path:
@@ -202,7 +199,7 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
     engine.flush()
     view = export_view(engine.module)  # None: no adapter
     stem = view.stem if view else "model"
-    rank, _ = _world()
+    rank, _ = world()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if rank == 0:
@@ -258,32 +255,7 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return out_dir
-
-
-def model_fingerprint(path: str | Path) -> str | None:
-    """A content fingerprint of an HF model folder's weight files, stored in the trajectory log header so
-    that ``replay`` refuses a log recorded on another base model.
-
-    sha256 over each weight file's name, size and 64 evenly spaced 64 KiB blocks (the first holds the
-    safetensors header: names, shapes, dtypes). Another size or another fine-tune of the same
-    architecture differs in them; hashing whole files would read the whole model (minutes at 60 GB).
-    None when the folder has no safetensors/bin weight files.
-    """
-    files = sorted(f for f in Path(path).iterdir()
-                   if f.is_file() and (f.suffix == ".safetensors" or (f.suffix == ".bin" and "model" in f.name)))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    block, n_blocks = 1 << 16, 64
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for i in range(n_blocks):
-                fh.seek((size - block) * i // (n_blocks - 1) if size > block else 0)
-                h.update(fh.read(block))
-    return h.hexdigest()

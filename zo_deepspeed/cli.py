@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    from .console import quiet_known_noise
+
+    quiet_known_noise()
     try:
         return {"train": _train, "eval": _eval, "replay": _replay, "export": _export, "plot": _plot,
                 "plan": _plan}[args.cmd](args)
@@ -110,15 +113,15 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .trainer import Trainer
+    from .build import build_engine, prepare_run
+    from .evaluate import Evaluator
 
     cfg = _load_cfg(args)
-    cfg.train.steps = 0
-    cfg.train.zero_shot_eval = False
-    cfg.train.export = False
-    tr = Trainer(cfg, eval_only=True)
-    res = tr.evaluate("test")
-    if tr.is_main:
+    s = prepare_run(cfg)
+    eng = build_engine(s)
+    res = Evaluator(eng, s.task, s.tokenizer, cfg.data.max_length, cfg.train.eval_batch_size).evaluate(
+        "test", s.splits["test"])
+    if s.is_main:
         print(f"{res.metric}: {res.value:.4f} on {res.n} examples")
     return 0
 
@@ -126,56 +129,30 @@ def _eval(args) -> int:
 def _replay(args) -> int:
     from transformers import AutoModelForCausalLM
 
+    from . import distributed
+    from .build import build_ds_config, load_tokenizer, resolve_model_path
     from .checkpoint import export_hf
     from .engine import replay
-    from .trajectory import read_log
-    from .trainer import build_ds_config, load_tokenizer, resolve_model_path, setup_distributed
-
-    header, records = read_log(args.log)
-    path = resolve_model_path(args.model)
-    _check_base(header, path, args.log)
-    setup_distributed()
     from .run_config import RunConfig
+    from .trajectory import read_log
 
+    path = resolve_model_path(args.model)
+    # verified (format, z stream, contiguous steps, base fingerprint) before any model is built
+    _, records = read_log(args.log, base=path)
+    _, world = distributed.setup()
     rc = RunConfig(deepspeed=args.ds_config)
-    import torch
-
-    world = torch.distributed.get_world_size()
     rc.train.batch_size = world
-    ds = build_ds_config(rc, world, None)
-    from .adapters import AdapterConfig
-
-    eng = replay(lambda: AutoModelForCausalLM.from_pretrained(path), records, ds,
-                 zo=_zo_from_header(header), adapter=AdapterConfig.from_dict(header.get("adapter")))
+    eng = replay(lambda: AutoModelForCausalLM.from_pretrained(path), args.log, build_ds_config(rc, world, None),
+                 base=path)
     export_hf(eng, Path(args.out), load_tokenizer(path))
-    if torch.distributed.get_rank() == 0:
+    if eng.rank == 0:
         print(f"replayed {len(records)} steps onto {path} -> {args.out}")
     return 0
 
 
-def _check_base(header: dict, path: str, log) -> None:
-    """A log replayed onto another base model gives garbage weights without any error: refuse it."""
-    from .checkpoint import model_fingerprint
-
-    want = header.get("base_fingerprint")  # logs written outside the trainer carry none: nothing to check
-    have = model_fingerprint(path) if want else None
-    if want and have != want:
-        raise ValueError(f"{log} was recorded on another base model (model.path={header.get('model')}, weights "
-                         f"fingerprint {want[:12]}), not {path} ({(have or 'no weights')[:12]}); "
-                         "replay it onto the run's own base model")
-
-
-def _zo_from_header(header: dict):
-    from .config import ZOConfig
-
-    if "zo" not in header:
-        raise ValueError("trajectory log header has no 'zo' settings; was it written by zo_deepspeed?")
-    return ZOConfig.from_dict(header["zo"])
-
-
 def _export(args) -> int:
-    from .checkpoint import export_hf, latest_checkpoint
-    from .trainer import Trainer
+    from .build import build_engine, prepare_run
+    from .checkpoint import export_hf, latest_checkpoint, resume
 
     run = Path(args.run_dir)
     if latest_checkpoint(run) is None:
@@ -188,11 +165,12 @@ def _export(args) -> int:
     tmp = run / ".export_config.json"
     tmp.write_text(json.dumps(raw))
     cfg = load_run_config(tmp, [])
-    cfg.train.zero_shot_eval = False
-    tr = Trainer(cfg, resume=True)
-    export_hf(tr.engine, Path(args.out), tr.tokenizer)
-    if tr.is_main:
-        print(f"exported step {tr.engine.step_count} of {run} -> {args.out}")
+    s = prepare_run(cfg)
+    eng = build_engine(s)
+    info = resume(eng, run)
+    export_hf(eng, Path(args.out), s.tokenizer)
+    if s.is_main:
+        print(f"exported step {info.step} of {run} -> {args.out}")
     return 0
 
 

@@ -7,6 +7,7 @@ loss scalars cross ranks: one all-reduce per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -20,13 +21,14 @@ from . import faults
 from .adapters import AdapterConfig, adapt, adapter_of
 from .adapters import prepare as prepare_adapter
 from .config import ZOConfig
+from . import distributed
+from .distributed import all_reduce, world
 from .partitions import Partitions, release_cpu_shm_names
-from .trajectory import FORMAT, StepRecord, TrajectoryLog, read_log
-from .rng import STREAM_VERSION
-from .variants import UpdateRule, lr_at
+from .trajectory import LogError, LogHeader, StepRecord, TrajectoryLog, read_log
 from .update import Update, WeightState, derive_seed
+from .variants import UpdateRule, lr_at
 
-__all__ = ["ZOEngine", "StepResult", "initialize", "replay", "causal_lm_loss", "LossFn"]
+__all__ = ["ZOEngine", "StepResult", "Layout", "initialize", "replay", "causal_lm_loss", "LossFn"]
 
 # loss_fn(forward, batch) -> (sum of per-example/per-token losses, count).
 # Returning a sum and a count (not a mean) makes the all-reduced loss the exact
@@ -69,15 +71,25 @@ class StepResult:
         return 0.5 * (self.loss_plus + self.loss_minus)
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+@dataclass(frozen=True)
+class Layout:
+    """Where a run's weights live: a checkpoint's tensors load back only into the same layout."""
+
+    world_size: int
+    kind: str      # Partitions.kind: replica | zero3 | zero3-hpz | zero3-nvme
+    restore: str   # the resolved restore mode
+
+    def to_dict(self) -> dict:
+        return {"world_size": self.world_size, "layout": self.kind, "restore": self.restore}
 
 
 class ZOEngine:
+    """The ZO step over a module's local pieces. Its state (step counter, deferred update, the
+    rule's history, and the weight state's offset and thresholds) changes only through its own
+    methods: :meth:`step`, :meth:`flush`, :meth:`replay` and :meth:`load_state_dict`."""
+
     def __init__(self, module: torch.nn.Module, zo: ZOConfig, ds_engine=None, loss_fn: LossFn | None = None,
-                 trajectory: str | Path | None = None, keepalive=None):
+                 keepalive=None):
         self.zo = zo
         self.ds_engine = ds_engine
         self._module = module
@@ -90,28 +102,54 @@ class ZOEngine:
         if zo.lr_schedule != "constant" and zo.total_steps <= 0:
             raise ValueError(f"zo.lr_schedule={zo.lr_schedule} decays to 0 at zo.total_steps: set zo.total_steps > 0 "
                              "(the trainer sets it to train.steps)")
-        self.state = WeightState(self.parts, zo.restore, zo.dist, zo.compile, zo.base_device)
-        self.rule = UpdateRule(zo.optimizer, zo.momentum, zo.momentum_window)
-        self.step_count = 0
-        self.consecutive_skips = 0
-        self.pending: Update | None = None
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         self.device = ds_engine.device if ds_engine is not None else next(module.parameters()).device
-        if zo.sparse_keep < 1.0:
-            self._init_sparse()  # collective (one small all-reduce per bisection round): every rank, here
-        self.log = None
-        if trajectory is not None and self.rank == 0:
-            self.log = TrajectoryLog(Path(trajectory), header={"zo": vars(zo), "restore": self.state.restore,
-                                                               "world_size": self.world_size,
-                                                               "adapter": adapter_header(module)})
+        # collective when zo.sparse_keep < 1 (one small all-reduce per bisection round): every rank, here
+        self.state = WeightState(self.parts, zo.restore, zo.dist, zo.compile, zo.base_device, zo.sparse_keep,
+                                 self.all_reduce if self.parts.zero3 else None)
+        self.rule = UpdateRule(zo.optimizer, zo.momentum, zo.momentum_window)
+        self._step = 0
+        self._skips = 0
+        self._pending: Update | None = None
+        self.log: TrajectoryLog | None = None
 
     @property
     def module(self) -> torch.nn.Module:
         return self._module
 
+    @property
+    def step_count(self) -> int:
+        """Steps taken (the index of the next step)."""
+        return self._step
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, self.parts.kind, self.state.restore)
+
+    def open_log(self, path: str | Path, *, model: str | None = None, task: str | None = None,
+                 base_fingerprint: str | None = None) -> None:
+        """Record every step from now on in the trajectory log at ``path`` (rank 0 writes; a new
+        file gets this run's header, an existing one is verified and continued)."""
+        if self.rank != 0:
+            return
+        adapter = adapter_of(self._module)
+        log = TrajectoryLog(path, LogHeader(
+            zo=dataclasses.asdict(self.zo), restore=self.state.restore, world_size=self.world_size,
+            adapter=adapter.to_dict() if adapter is not None else None, model=model, task=task,
+            base_fingerprint=base_fingerprint))
+        if log.next_step != self._step:
+            raise LogError(f"{path} holds steps 0..{log.next_step - 1} but the engine is at step {self._step}: "
+                           "the log must end where the weights are (resume truncates it to the checkpoint)")
+        self.log = log
+
     # -- forwards ----------------------------------------------------------------
-    def _forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        """The module's forward (through DeepSpeed, which gathers ZeRO-3 partitions). Collective."""
         return (self.ds_engine or self._module)(*args, **kwargs)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, on the host; the step's only collective besides the forwards' gathers."""
+        return all_reduce(t, self.device)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -121,32 +159,24 @@ class ZOEngine:
         total = torch.zeros((), dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
         for mb in micro_batches:
-            s, c = self.loss_fn(self._forward, self._to_device(mb))
+            s, c = self.loss_fn(self.forward, self._to_device(mb))
             total += s.detach().double().cpu()
             count += torch.as_tensor(c).double().cpu()
         return total, count
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return t
-        # the step's only collective besides the forwards' gathers; a host sync point
-        dev = torch.device("cpu") if torch.distributed.get_backend() == "gloo" else self.device
-        buf = t.to(dev)
-        torch.distributed.all_reduce(buf)
-        return buf.cpu()
-
     # -- the step ------------------------------------------------------------------
     def step(self, batch: dict | Sequence[dict], example_ids: Iterable | None = None) -> StepResult:
-        """One ZO step on this rank's batch (a dict, or a list of micro-batches sharing z)."""
+        """One ZO step on this rank's batch (a dict, or a list of micro-batches sharing z).
+        ``example_ids``: the global batch's example ids, recorded in the trajectory log."""
         micro = [batch] if isinstance(batch, dict) else list(batch)
         zo = self.zo
-        t = self.step_count
+        t = self._step
         seeds = tuple(derive_seed(zo.seed, t, j) for j in range(zo.q))
         sums = torch.zeros(2 * zo.q + 1, dtype=torch.float64)
         for j, s in enumerate(seeds):
             # pass 1 of j: (pending update) + restore + show theta + eps z_j
-            self.state.transition(self.pending if j == 0 else None, [(s, zo.eps)])
-            self.pending = None
+            self.state.transition(self._pending if j == 0 else None, [(s, zo.eps)])
+            self._pending = None
             faults.crash_point("perturbed", t)  # crash tests: die holding theta + eps z (inert otherwise)
             sums[j], count = self._losses(micro)
             # pass 2 of j: show theta - eps z_j
@@ -159,7 +189,7 @@ class ZOEngine:
             # only this rank knows its own loss was bad: say which rank, the step is skipped below
             _log.warning("zo_deepspeed: rank %d: non-finite loss at step %d (local L+/L- sums %s)", self.rank, t,
                          sums[:-1].tolist())
-        sums = self._all_reduce(sums)
+        sums = self.all_reduce(sums)
         n = float(sums[-1])
         if n <= 0:
             raise ValueError("the batch has no loss positions on any rank (all labels are -100?)")
@@ -178,58 +208,74 @@ class ZOEngine:
         else:
             terms, decay = self.rule.terms(seeds, g, lr), lr * zo.weight_decay
             if terms or decay:
-                self.pending = Update(decay, terms)
+                self._pending = Update(decay, terms)
         if not zo.fuse_update:
             self.flush()
-        res = StepResult(t, lp[0], lm[0], tuple(g), seeds, lr, skipped, terms, decay)
-        if self.log is not None:
-            ids = list(example_ids) if example_ids is not None else []
-            self.log.append(StepRecord(t, seeds, tuple(g), lr, zo.weight_decay, zo.eps, lp[0], lm[0],
-                                       skipped, tuple(ids), terms, decay))
-        self.step_count += 1
         # g is all-reduced, so every rank takes these branches at the same step: no rank is left behind
-        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        skips = self._skips + 1 if skipped else 0
         if skipped and self.rank == 0:
             _log.warning("zo_deepspeed: step %d skipped on every rank: non-finite loss (L+=%s, L-=%s); "
-                         "weights not updated (%d skipped in a row)", t, lp[0], lm[0], self.consecutive_skips)
-        if skipped and 0 < zo.max_consecutive_skips <= self.consecutive_skips:
-            raise RuntimeError(f"stopping: {self.consecutive_skips} consecutive steps had a non-finite loss "
+                         "weights not updated (%d skipped in a row)", t, lp[0], lm[0], skips)
+        if skipped and 0 < zo.max_consecutive_skips <= skips:
+            # the step does not complete: it is neither logged nor counted (a resume runs it again)
+            raise RuntimeError(f"stopping: {skips} consecutive steps had a non-finite loss "
                                f"(last: step {t}); check the data and model.dtype, lower zo.lr or zo.eps, "
                                f"or raise zo.max_consecutive_skips (0: never stop)")
+        res = StepResult(t, lp[0], lm[0], tuple(g), seeds, lr, skipped, terms, decay)
+        if self.log is not None:
+            self.log.append(StepRecord.from_result(res, eps=zo.eps, weight_decay=zo.weight_decay,
+                                                   example_ids=example_ids if example_ids is not None else ()))
+        self._step += 1
+        self._skips = skips
         return res
-
-    def _init_sparse(self) -> None:
-        from .sparse import magnitude_thresholds
-
-        if self.state.restore == "inplace":
-            raise ValueError("zo.sparse_keep < 1 reads the mask from an exact copy of theta: set zo.restore=master "
-                             "(float32 copy) or zo.restore=backup (copy in the partition dtype)")
-        self.state.thresholds = magnitude_thresholds(self.state.primary_bases(), self.zo.sparse_keep,
-                                                     self._all_reduce if self.parts.zero3 else None)
 
     def flush(self) -> None:
         """Apply the pending update and restore: the partitions then hold theta exactly.
         Needed before evaluation, checkpointing or export when fuse_update is on."""
-        self.state.transition(self.pending, [])
-        self.pending = None
+        self.state.transition(self._pending, [])
+        self._pending = None
 
-    @torch.no_grad()
-    def eval_loss(self, batch: dict | Sequence[dict]) -> float:
-        """Global mean loss at theta on this rank's batch (flushes first)."""
+    def replay(self, records: Sequence[StepRecord]) -> None:
+        """Apply logged steps to the weights, in order, each exactly as its record says it was applied
+        (any rule, schedule or variant), and take up the run's state after the last of them: the
+        engine then continues that run. ``records`` are steps ``step_count``, ``step_count`` + 1, ..."""
         self.flush()
-        micro = [batch] if isinstance(batch, dict) else list(batch)
-        s, c = self._losses(micro)
-        t = self._all_reduce(torch.stack([s, c]))
-        return float(t[0] / t[1])
+        for r in records:
+            if r.step != self._step:
+                raise ValueError(f"replay: record of step {r.step} where step {self._step} comes next")
+            if not r.skipped and (r.update or r.decay):
+                self.state.transition(Update(r.decay, tuple(r.update)), [])
+            self._step += 1
+            self._skips = self._skips + 1 if r.skipped else 0
+        self.rule.rebuild(records[-self.zo.momentum_window:])
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything besides the tensors that a resumed run needs (JSON-able)."""
+        return {"step": self._step, "consecutive_skips": self._skips,
+                "pending": None if self._pending is None else
+                {"decay": self._pending.decay, "terms": [list(t) for t in self._pending.terms]},
+                "rule": self.rule.state_dict(), "weights": self.state.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Take up a state saved by :meth:`state_dict`. The weights must already be those of that
+        state (loaded with :meth:`load_local_tensors`, or rebuilt by :meth:`replay`)."""
+        self._step = int(sd["step"])
+        self._skips = int(sd["consecutive_skips"])
+        p = sd["pending"]
+        self._pending = None if p is None else Update(float(p["decay"]), tuple((int(s), float(c)) for s, c in p["terms"]))
+        self.rule.load_state_dict(sd["rule"])
+        self.state.load_state_dict(sd["weights"])
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """Host copies of this rank's pieces and restore copies, for a checkpoint at this layout."""
+        return self.state.local_tensors()
+
+    def load_local_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.state.load_local_tensors(tensors)
 
 
-def adapter_header(module) -> dict | None:
-    """The trajectory header's record of the module's LoRA/prefix adapter (None: full-parameter)."""
-    a = adapter_of(module)
-    return a.to_dict() if a is not None else None
-
-
-def _fill_batch(cfg: dict, world_size: int) -> dict:
+def _fill_batch(cfg: dict) -> dict:
     # Batch sizes are DeepSpeed bookkeeping here (we never call engine.step);
     # fill them so that tbs = micro * gas * world holds.
     cfg = dict(cfg)
@@ -256,16 +302,15 @@ def initialize(model, config: dict | str | Path | None = None, zo: ZOConfig | No
     if config is None:
         m = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
         prepare_adapter(m)
-        return ZOEngine(m, zo, None, loss_fn, trajectory)
+        return _with_log(ZOEngine(m, zo, None, loss_fn), trajectory)
     import deepspeed
 
     from .ds_config import load_ds_config, validate_ds_config
 
     cfg = load_ds_config(config)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        deepspeed.init_distributed(dist_backend=None)
-    cfg = _fill_batch(cfg, torch.distributed.get_world_size())
-    validate_ds_config(cfg, world_size=torch.distributed.get_world_size())
+    _, size = distributed.setup()  # joins the launcher's process group (plain python: a world of one)
+    cfg = _fill_batch(cfg)
+    validate_ds_config(cfg, world_size=size)
     keepalive = None
     if callable(model) and not isinstance(model, torch.nn.Module):
         stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
@@ -278,43 +323,28 @@ def initialize(model, config: dict | str | Path | None = None, zo: ZOConfig | No
     release_cpu_shm_names()  # DeepSpeed's CPU backend (set up by now) would leave ~66 MB per rank in /dev/shm
     # prefix tuning's init from activations: a (collective) forward, before the ZO state snapshots theta
     prepare_adapter(ds_engine.module, ds_engine.device)
-    return ZOEngine(ds_engine.module, zo, ds_engine, loss_fn, trajectory, keepalive)
+    return _with_log(ZOEngine(ds_engine.module, zo, ds_engine, loss_fn, keepalive), trajectory)
 
 
-def replay(model, log: str | Path | Sequence[StepRecord], config: dict | str | Path | None = None,
-           zo: ZOConfig | None = None, engine: ZOEngine | None = None, adapter: AdapterConfig | None = None
-           ) -> ZOEngine:
-    """Apply a trajectory log to base weights; returns an engine holding the replayed weights.
-
-    Pass the same restore mode and dist as the live run (taken from the log
-    header when ``zo`` is None). Works at any world size and layout. A run
-    with a LoRA/prefix adapter (``adapter``, or the log header's when None)
-    gets the same adapter built on ``model`` (the base model) first.
-    """
-    if isinstance(log, (str, Path)):
-        header, records = read_log(log)
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{log} is not a zo_deepspeed trajectory log")
-        if header.get("z_stream", STREAM_VERSION) != STREAM_VERSION:
-            raise ValueError(f"{log} was written with z stream {header['z_stream']!r}; this zo_deepspeed generates "
-                             f"{STREAM_VERSION!r}: replay it with the zo_deepspeed version that wrote it")
-        if zo is None and "zo" in header:
-            zo = ZOConfig.from_dict(header["zo"])
-        if adapter is None:
-            adapter = AdapterConfig.from_dict(header.get("adapter"))
-    else:
-        records = list(log)
-    if engine is None:
-        engine = initialize(adapt(model, adapter or AdapterConfig()), config, zo or ZOConfig())
-    for r in records:
-        if r.skipped:
-            continue
-        if r.update is not None:  # the exact streams the live step applied (any optimizer, schedule)
-            upd = Update(r.decay, r.update)
-        else:  # logs written before the update was recorded: plain ZO-SGD
-            upd = Update(r.lr * r.weight_decay, tuple((s, -r.lr * g / r.q) for s, g in zip(r.seeds, r.g)))
-        if upd.terms or upd.decay:
-            engine.state.transition(upd, [])
-    engine.step_count = (records[-1].step + 1) if records else 0
+def _with_log(engine: ZOEngine, trajectory: str | Path | None) -> ZOEngine:
+    if trajectory is not None:
+        engine.open_log(trajectory)
     return engine
 
+
+def replay(model, log: str | Path, config: dict | str | Path | None = None, zo: ZOConfig | None = None,
+           adapter: AdapterConfig | None = None, base: str | Path | None = None) -> ZOEngine:
+    """Apply a trajectory log to base weights; returns an engine holding the replayed weights, ready to
+    continue the run.
+
+    The log is verified first (format, z stream, contiguous steps; with ``base``, the base model's
+    folder, that it was recorded on those weights), before any model is built. The restore mode,
+    distribution and adapter come from the log header unless ``zo``/``adapter`` are given. Works at
+    any world size and layout: ``config`` is the DeepSpeed config (None: a plain module).
+    """
+    header, records = read_log(log, base=base)
+    zo = zo or ZOConfig.from_dict(header.zo)
+    adapter = adapter or AdapterConfig.from_dict(header.adapter)
+    engine = initialize(adapt(model, adapter), config, zo)
+    engine.replay(records)
+    return engine

@@ -111,7 +111,7 @@ def _get(name: str, fn, compiled: bool):
     return _compiled[name]
 
 
-def compile_enabled(device: torch.device) -> bool:
+def compile_enabled() -> bool:
     """Default for ``compiled``: on unless ZO_DEEPSPEED_COMPILE=0."""
     return os.environ.get("ZO_DEEPSPEED_COMPILE", "1") != "0"
 
@@ -154,7 +154,7 @@ def apply(
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base shape {tuple(base.shape)} != piece shape {tuple(x.shape)}")
     if compiled is None:
-        compiled = compile_enabled(x.device)
+        compiled = compile_enabled()
     gaussian = dist == "gaussian"
     dev = x.device
     keys = [t.key.tensor(dev) for t in terms]

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Piece", "Partitions", "partitions_of", "gather_state_dict", "iter_full_params"]
+__all__ = ["Piece", "Partitions", "gather_state_dict", "iter_full_params", "full_shape", "is_partitioned", "assign_full"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,29 @@ class Piece:
     numel: int           # full parameter size
     ndim: int            # full parameter rank (weight decay applies to ndim >= 2)
     slot: str = "primary"  # "primary" | "secondary" (hpZ copy) | "replica"
+
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    """Whether ZeRO-3 owns ``p`` (its ``p.data`` is then an empty placeholder between gathers)."""
+    return hasattr(p, "ds_tensor")
+
+
+def full_shape(p: torch.nn.Parameter) -> torch.Size:
+    """The parameter's logical shape, partitioned or not."""
+    return p.ds_shape if is_partitioned(p) else p.shape
+
+
+@torch.no_grad()
+def assign_full(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a whole parameter to ``value`` (its full shape). Partitioned: gathered, written on rank 0 and
+    scattered back into every rank's partition (collective: every rank calls it in the same order)."""
+    if is_partitioned(p):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(value.to(p.device, p.dtype).view_as(p.data))
+    else:
+        p.data.copy_(value.to(p.device, p.dtype).view_as(p.data))
 
 
 def _trainable(module: torch.nn.Module):
@@ -95,8 +118,7 @@ class Partitions:
             if p.ds_secondary_tensor is None:
                 raise RuntimeError(f"ZeRO++ hpZ: no secondary partition for {n} after a gather")
 
-    def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
-        return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+    full_shape = staticmethod(full_shape)
 
     def _pieces_of(self, name: str, p: torch.nn.Parameter) -> list[Piece]:
         shape = self.full_shape(p)
@@ -173,10 +195,6 @@ class Partitions:
                 batch = []
             if item is not None:
                 batch.append(item)
-
-
-def partitions_of(module: torch.nn.Module, engine=None) -> Partitions:
-    return Partitions(module, engine)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -70,7 +70,11 @@ class WeightState:
     """theta + offset over the local pieces of one model."""
 
     def __init__(self, parts: Partitions, restore: str = "auto", dist: str = "gaussian",
-                 compiled: bool = True, base_device: str = "same"):
+                 compiled: bool = True, base_device: str = "same", sparse_keep: float = 1.0,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``sparse_keep`` < 1 (Sparse-MeZO): edits reach only the entries of smallest |theta|; the
+        thresholds are computed here from the starting weights, summing counts over ranks with
+        ``all_reduce`` (collective: every rank constructs its state at the same point)."""
         self.parts = parts
         dtype = parts.params[0][1].dtype
         self.restore = resolve_restore(restore, dtype)
@@ -79,14 +83,21 @@ class WeightState:
         self.base_device = base_device
         self.offset: list[Stream] = []
         self.bases: dict[tuple[str, str], torch.Tensor] = {}
-        # Sparse-MeZO: per parameter key, edits reach only entries with |theta| <= threshold
-        self.thresholds: dict[str, float] | None = None
         if self.restore != "inplace":
             with parts.editing() as it:
                 for pc in it:
                     dev = pc.tensor.device if base_device == "same" else torch.device("cpu")
                     bdt = torch.float32 if self.restore == "master" else pc.tensor.dtype
                     self.bases[(pc.key, pc.slot)] = pc.tensor.detach().to(device=dev, dtype=bdt, copy=True)
+        # Sparse-MeZO: per parameter key, edits reach only entries with |theta| <= threshold
+        self.thresholds: dict[str, float] | None = None
+        if sparse_keep < 1.0:
+            if self.restore == "inplace":
+                raise ValueError("zo.sparse_keep < 1 reads the mask from an exact copy of theta: set "
+                                 "zo.restore=master (float32 copy) or zo.restore=backup (copy in the partition dtype)")
+            from .sparse import magnitude_thresholds
+
+            self.thresholds = magnitude_thresholds(self.primary_bases(), sparse_keep, all_reduce)
 
     def primary_bases(self) -> list[tuple[str, int, list[torch.Tensor]]]:
         """(key, numel, exact theta of this rank's own slices) for every trainable parameter, in the
@@ -145,6 +156,30 @@ class WeightState:
             if upd or a != 1.0:
                 base[s:e].copy_(b)
 
-    def write_back(self) -> None:
-        """Make the partition hold theta exactly (drop any offset)."""
-        self.transition(None, [])
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The scalar state (JSON-able): the visible offset and the Sparse-MeZO thresholds."""
+        return {"offset": [list(t) for t in self.offset], "thresholds": self.thresholds}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Take up ``sd``; the tensors must already show that offset (see :meth:`load_local_tensors`)."""
+        self.offset = [(int(s), float(c)) for s, c in sd["offset"]]
+        self.thresholds = None if sd["thresholds"] is None else {k: float(v) for k, v in sd["thresholds"].items()}
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """Host copies of this rank's pieces (``slot|key``) and master/backup copies (``base:slot|key``)."""
+        out = {}
+        with self.parts.editing() as pieces:
+            for pc in pieces:
+                out[f"{pc.slot}|{pc.key}"] = pc.tensor.detach().cpu().clone()
+        for (key, slot), b in self.bases.items():
+            out[f"base:{slot}|{key}"] = b.detach().cpu().clone()
+        return out
+
+    def load_local_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write tensors saved by :meth:`local_tensors` at the same world size and layout back in place."""
+        with self.parts.editing() as pieces:
+            for pc in pieces:
+                pc.tensor.copy_(tensors[f"{pc.slot}|{pc.key}"])
+        for (key, slot), b in self.bases.items():
+            b.copy_(tensors[f"base:{slot}|{key}"])

@@ -83,7 +83,17 @@ class UpdateRule:
             self.history.append((tuple(seeds), (0.0,) * len(seeds)))
 
     def rebuild(self, records: Iterable) -> None:
-        """Restore the momentum history from the last trajectory records (on resume)."""
+        """Take up the momentum history of a run from its last trajectory records (replay)."""
         self.history.clear()
+        if self.optimizer != "momentum":
+            return  # sgd and sign keep no history
         for r in records:
             self.history.append((tuple(r.seeds), tuple(r.g)))
+
+    def state_dict(self) -> dict:
+        return {"history": [[list(s), list(g)] for s, g in self.history]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.history.clear()
+        for s, g in sd["history"]:
+            self.history.append((tuple(int(x) for x in s), tuple(float(x) for x in g)))

@@ -24,9 +24,7 @@ from .sampling import build_splits, sample_examples, sample_per_class, split_tra
 from . import templates as _templates  # noqa: F401  (registers sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop)
 from . import rotten_tomatoes as _rotten_tomatoes  # noqa: F401  (registers rotten_tomatoes)
 
-DEFAULT_TASK = "rotten_tomatoes"
-
-__all__ = ["DEFAULT_TASK", "DATA_EXTENSIONS", "Example", "Row", "Task", "ClassificationTask",
+__all__ = ["DATA_EXTENSIONS", "Example", "Row", "Task", "ClassificationTask",
            "GenerationTask", "TaskDataError", "TaskFileNotFoundError", "register_task", "get_task",
            "list_tasks", "normalize_split", "read_table", "postprocess_generation", "IGNORE_INDEX",
            "encode_for_training", "encode_candidates", "encode_prompts", "generate_answers", "sequence_losses", "pick_prediction",

@@ -50,15 +50,19 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-__all__ = ["StreamKey", "stream_key", "words", "variates", "DISTRIBUTIONS", "STREAM_VERSION"]
+from .typed import choices
+
+__all__ = ["StreamKey", "stream_key", "words", "variates", "Distribution", "DISTRIBUTIONS", "STREAM_VERSION"]
 
 # Written into every trajectory log: replaying a log needs the stream that produced it.
 STREAM_VERSION = "zo_deepspeed.z/1"
 
-DISTRIBUTIONS = ("gaussian", "rademacher")
+Distribution = Literal["gaussian", "rademacher"]  # zo.distribution
+DISTRIBUTIONS = choices(Distribution)
 _M = 0xFFFFFFFF
 _C1 = 0x21F0AAAD
 _C2 = 0x735A2D97

@@ -10,7 +10,7 @@ from zo_deepspeed.trajectory import StepRecord, TrajectoryLog, read_log
 
 @pytest.mark.parametrize("kw,needle", [
     ({"eps": 0.0}, "zo.eps must be > 0"), ({"eps": -1e-3}, "zo.eps must be > 0"), ({"lr": -1.0}, "zo.lr must be >= 0"),
-    ({"q": 0}, "zo.q must be an integer >= 1"), ({"dist": "uniform"}, "zo.dist"), ({"restore": "x"}, "zo.restore"),
+    ({"q": 0}, "zo.q must be an integer >= 1"), ({"distribution": "uniform"}, "zo.distribution"), ({"restore": "x"}, "zo.restore"),
     ({"lr": float("nan")}, "finite"), ({"base_device": "gpu"}, "zo.base_device"), ({"seed": -1}, "zo.seed"),
 ])
 def test_zo_config_rejects(kw, needle):
@@ -21,9 +21,9 @@ def test_zo_config_rejects(kw, needle):
 def test_run_config_file_then_overrides(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("zo:\n  lr: 1.0e-6\n  q: 2\ntrain:\n  steps: 7\n")
-    cfg = load_run_config(p, ["train.steps=9", "zo.dist=rademacher", "train.zero_shot_eval=false",
+    cfg = load_run_config(p, ["train.steps=9", "zo.distribution=rademacher", "train.zero_shot_eval=false",
                               "deepspeed=ds.json"])
-    assert (cfg.zo.lr, cfg.zo.q, cfg.zo.dist) == (1e-6, 2, "rademacher")
+    assert (cfg.zo.lr, cfg.zo.q, cfg.zo.distribution) == (1e-6, 2, "rademacher")
     assert cfg.train.steps == 9 and cfg.train.zero_shot_eval is False and cfg.deepspeed == "ds.json"
     assert json.loads(json.dumps(cfg.to_dict()))["zo"]["q"] == 2  # serializable as written to the run dir
 

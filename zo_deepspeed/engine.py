@@ -90,7 +90,7 @@ class ZOEngine:
         if zo.lr_schedule != "constant" and zo.total_steps <= 0:
             raise ValueError(f"zo.lr_schedule={zo.lr_schedule} decays to 0 at zo.total_steps: set zo.total_steps > 0 "
                              "(the trainer sets it to train.steps)")
-        self.state = WeightState(self.parts, zo.restore, zo.dist, zo.compile, zo.base_device)
+        self.state = WeightState(self.parts, zo.restore, zo.distribution, zo.compile, zo.base_device)
         self.rule = UpdateRule(zo.optimizer, zo.momentum, zo.momentum_window)
         self.step_count = 0
         self.consecutive_skips = 0

@@ -10,28 +10,20 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
 __all__ = ["main"]
 
 
-def _config_help() -> str:
-    from .run_config import _SECTIONS
-
-    lines = ["config keys (set in --config YAML/JSON or as section.key=value):"]
-    for sec, cls in _SECTIONS.items():
-        for f in fields(cls):
-            lines.append(f"  {sec}.{f.name} (default {f.default if not callable(f.default) else '...'!s})")
-    return "\n".join(lines)
-
-
 def _parser() -> argparse.ArgumentParser:
+    from .run_config import config_help
+
     ap = argparse.ArgumentParser(prog="zo-deepspeed", description="Zeroth-order fine-tuning on DeepSpeed ZeRO-3.")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     sub = ap.add_subparsers(dest="cmd")
     tr = sub.add_parser("train", help="fine-tune (no arguments: the embedded default job)",
-                        epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", help="YAML/JSON run config")
     tr.add_argument("--ds-config", help="DeepSpeed config JSON (default: embedded ZeRO-3)")
     tr.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its checkpoint")
@@ -75,24 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_cfg(args, resume: bool = False):
-    from .run_config import load_run_config
+    from .run_config import load_run_config, load_saved_run_config
 
     overrides = list(args.overrides)
     if getattr(args, "ds_config", None):
         overrides.append(f"deepspeed={args.ds_config}")
-    path = args.config
-    if resume and path is None:
+    if resume and args.config is None:  # the run's own config.json, read in memory
         out = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir=")), "runs/default")
         saved = Path(out) / "config.json"
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {saved} not found; pass the run's train.output_dir")
-        raw = json.loads(saved.read_text())
-        raw.pop("resolved_ds_config", None)
-        raw.pop("world_size", None)
-        tmp = Path(out) / ".resume_config.json"
-        tmp.write_text(json.dumps(raw))
-        path = tmp
-    return load_run_config(path, overrides)
+        return load_saved_run_config(saved, overrides)
+    return load_run_config(args.config, overrides)
 
 
 def _train(args) -> int:
@@ -113,9 +99,7 @@ def _eval(args) -> int:
     from .trainer import Trainer
 
     cfg = _load_cfg(args)
-    cfg.train.steps = 0
-    cfg.train.zero_shot_eval = False
-    cfg.train.export = False
+    cfg = replace(cfg, train=replace(cfg.train, steps=0, zero_shot_eval=False, export=False))
     tr = Trainer(cfg, eval_only=True)
     res = tr.evaluate("test")
     if tr.is_main:
@@ -135,13 +119,11 @@ def _replay(args) -> int:
     path = resolve_model_path(args.model)
     _check_base(header, path, args.log)
     setup_distributed()
-    from .run_config import RunConfig
-
-    rc = RunConfig(deepspeed=args.ds_config)
+    from .run_config import RunConfig, TrainConfig
     import torch
 
     world = torch.distributed.get_world_size()
-    rc.train.batch_size = world
+    rc = RunConfig(train=TrainConfig(batch_size=world), deepspeed=args.ds_config)
     ds = build_ds_config(rc, world, None)
     from .adapters import AdapterConfig
 
@@ -180,16 +162,10 @@ def _export(args) -> int:
     run = Path(args.run_dir)
     if latest_checkpoint(run) is None:
         raise FileNotFoundError(f"{run} has no checkpoint (checkpoints/latest); train first or pass the run dir")
-    from .run_config import load_run_config
+    from .run_config import load_saved_run_config
 
-    raw = json.loads((run / "config.json").read_text())
-    raw.pop("resolved_ds_config", None)
-    raw.pop("world_size", None)
-    tmp = run / ".export_config.json"
-    tmp.write_text(json.dumps(raw))
-    cfg = load_run_config(tmp, [])
-    cfg.train.zero_shot_eval = False
-    tr = Trainer(cfg, resume=True)
+    cfg = load_saved_run_config(run / "config.json")
+    tr = Trainer(replace(cfg, train=replace(cfg.train, zero_shot_eval=False)), resume=True)
     export_hf(tr.engine, Path(args.out), tr.tokenizer)
     if tr.is_main:
         print(f"exported step {tr.engine.step_count} of {run} -> {args.out}")

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .engine import ZOEngine, causal_lm_loss, initialize, replay
-from .run_config import DEFAULT_DS_CONFIG, RunConfig
+from .run_config import DEFAULT_DS_CONFIG, RunConfig, resolve_run_config
 from .trajectory import read_log
 
 __all__ = ["Trainer", "EvalResult", "setup_distributed", "EXIT_PREEMPTED", "build_ds_config", "load_tokenizer",
@@ -180,9 +180,8 @@ class Trainer:
                                    k_per_class=cfg.data.k_per_class or None)
         if not self.splits["train"] and cfg.train.steps > 0:
             raise ValueError(f"task {cfg.data.task} has no training examples")
+        self.cfg = cfg = resolve_run_config(cfg)  # objective auto -> the task's; zo.total_steps 0 -> train.steps
         self.objective = cfg.train.objective
-        if self.objective == "auto":
-            self.objective = "choice" if self.task.kind == "classification" else "loss"
         if self.objective in ("accuracy", "choice") and self.task.kind != "classification":
             raise ValueError(f"train.objective={self.objective} scores candidates: classification tasks only; "
                              "use train.objective=loss or f1 for generation tasks")
@@ -198,8 +197,6 @@ class Trainer:
         dtype = getattr(torch, cfg.model.dtype)
         from transformers import AutoModelForCausalLM
 
-        if cfg.zo.total_steps == 0:
-            cfg.zo.total_steps = cfg.train.steps  # the horizon of a linear/cosine schedule
         loss_fn = {"loss": causal_lm_loss, "choice": self._choice_loss, "accuracy": self._neg_accuracy,
                    "f1": self._neg_f1}[self.objective]
         from .adapters import adapt

@@ -55,7 +55,7 @@ def variants(params: list[tuple[str, torch.Tensor]], subset: list[tuple[str, tor
             seed = next(counter)
             for name, p in over:
                 terms = [fused.Term(stream_key(seed + j, name), s * EPS) for j in range(nterms)]
-                fused.apply(p.data.view(-1), 0, terms, dist=dist, compiled=compiled)
+                fused.apply(p.data.view(-1), 0, terms, distribution=dist, compiled=compiled)
         return run
 
     def mezo_ref():

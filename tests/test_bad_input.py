@@ -164,11 +164,10 @@ def test_exit_status_of_a_real_process(tiny_lm_dir, tmp_path):
 
 def test_world_size_that_does_not_divide_the_batch():
     # the CLI case above runs at world size 1 (with grad_accum); this is the same check at world size 2
-    from zo_deepspeed.run_config import RunConfig
     from zo_deepspeed.build import build_ds_config
+    from zo_deepspeed.run_config import RunConfig, TrainConfig
 
-    cfg = RunConfig()
-    cfg.train.batch_size = 3
+    cfg = RunConfig(train=TrainConfig(batch_size=3))
     with pytest.raises(ValueError, match="does not divide into world size 2 x train.grad_accum=1; pick a multiple"):
         build_ds_config(cfg, 2, None)
 

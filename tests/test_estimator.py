@@ -62,7 +62,7 @@ def test_one_step_equals_mezo_formula_by_hand(fuse, dist):
     lr, eps, wd = 0.05, 1e-3, 0.1
     m = Quadratic()
     theta0 = {k: p.detach().clone().double() for k, p in m.named_parameters()}
-    eng = zd.initialize(m, None, zd.ZOConfig(lr=lr, eps=eps, weight_decay=wd, seed=11, dist=dist, fuse_update=fuse),
+    eng = zd.initialize(m, None, zd.ZOConfig(lr=lr, eps=eps, weight_decay=wd, seed=11, distribution=dist, fuse_update=fuse),
                         loss_fn=quad_loss)
     r = eng.step({})
     eng.flush()

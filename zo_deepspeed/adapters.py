@@ -42,18 +42,21 @@ import json
 import math
 import weakref
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 
 from .partitions import assign_full, full_shape, is_partitioned, iter_full_params
+from .typed import check_fields, choices, section_values
 
-__all__ = ["AdapterConfig", "ADAPTER_MODES", "MEZO_RECOMMENDED", "adapt", "adapter_of", "prepare",
+__all__ = ["AdapterConfig", "AdapterMode", "PrefixInit", "ADAPTER_MODES", "MEZO_RECOMMENDED", "adapt", "adapter_of", "prepare",
            "adapter_params", "ExportView", "export_view"]
 
-ADAPTER_MODES = ("none", "lora", "prefix")
+AdapterMode = Literal["none", "lora", "prefix"]
+PrefixInit = Literal["activations", "random"]
+ADAPTER_MODES = choices(AdapterMode)
 
 # MeZO's (Malladi et al., 2023) search ranges for OPT: the first lr is the default, the second the alternative.
 MEZO_RECOMMENDED = {
@@ -67,9 +70,9 @@ _CONFIGS: "weakref.WeakKeyDictionary[torch.nn.Module, AdapterConfig]" = weakref.
 _PREPARED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterConfig:
-    mode: str = "none"
+    mode: AdapterMode = "none"
     """Parameter-efficient mode: none (every parameter is trained), lora or prefix. With lora/prefix the run's
     zo.lr and zo.eps default to MeZO's values for the mode (lora: lr 1e-4, alt 5e-5, eps 1e-2; prefix: lr 1e-2,
     alt 1e-3, eps 1e-1) and zo.restore to master (exact, and tiny for an adapter) unless set explicitly."""
@@ -81,24 +84,21 @@ class AdapterConfig:
     """Comma-separated module names that get LoRA (MeZO: the attention query and value projections)."""
     prefix_tokens: int = 5
     """Prefix tuning: virtual tokens whose keys and values are prepended at every layer (MeZO: 5)."""
-    prefix_init: str = "activations"
+    prefix_init: PrefixInit = "activations"
     """Prefix initialisation. activations: the keys/values of prefix_tokens random vocabulary tokens run through
     the base model (MeZO). random: standard normal."""
     init_seed: int = 0
     """Seed of the adapter initialisation (LoRA A matrices, the prefix's random tokens or values); LoRA B is 0."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ADAPTER_MODES:
-            raise ValueError(f"adapter.mode={self.mode!r}; use one of {', '.join(ADAPTER_MODES)}")
+        check_fields(self, "adapter")  # types and Literal choices; the ranges below
         for k in ("lora_r", "lora_alpha", "prefix_tokens"):
             v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if v < 1:
                 raise ValueError(f"adapter.{k} must be an integer >= 1, got {v!r}")
-        if not isinstance(self.init_seed, int) or self.init_seed < 0:
+        if self.init_seed < 0:
             raise ValueError(f"adapter.init_seed must be a non-negative integer, got {self.init_seed!r}")
-        if self.prefix_init not in ("activations", "random"):
-            raise ValueError(f"adapter.prefix_init={self.prefix_init!r}; use activations or random")
-        if not isinstance(self.lora_targets, str) or not self.targets():
+        if not self.targets():
             raise ValueError(f"adapter.lora_targets={self.lora_targets!r}: give comma-separated module names, "
                              "e.g. q_proj,v_proj")
 
@@ -118,12 +118,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AdapterConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown adapter config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        """From a log header's or an export's ``adapter`` (None: mode none)."""
+        return cls(**section_values(cls, d or {}, "adapter", "file"))
 
 
 # -- building ----------------------------------------------------------------------------------------

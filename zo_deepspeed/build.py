@@ -120,7 +120,7 @@ class RunLock:
 class RunSetup:
     """What a run reads before it builds its engine."""
 
-    cfg: RunConfig
+    cfg: RunConfig         # resolved (run_config.resolve_run_config): no "auto" left
     rank: int
     world: int
     task: object           # tasks.Task
@@ -135,10 +135,13 @@ class RunSetup:
 
 
 def prepare_run(cfg: RunConfig, run_dir: Path | None = None) -> RunSetup:
-    """Join the process group and read and check everything the run needs. ``run_dir``: a training
-    run's directory (DeepSpeed's monitors are pointed into it); None for eval/export/replay."""
+    """Join the process group and read and check everything the run needs; the setup holds the
+    resolved config. ``run_dir``: a training run's directory (DeepSpeed's monitors are pointed into it);
+    None for eval/export/replay."""
+    from .run_config import resolve_run_config
     from .tasks import build_splits, get_task
 
+    cfg = resolve_run_config(cfg)  # objective auto -> the task's; zo.total_steps 0 -> train.steps
     rank, world = distributed.setup()
     task = get_task(cfg.data.task)
     splits = build_splits(task, cfg.data.data_dir, seed=cfg.zo.seed, num_train=cfg.data.num_train,

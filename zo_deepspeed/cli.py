@@ -10,28 +10,19 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 __all__ = ["main"]
 
 
-def _config_help() -> str:
-    from .run_config import _SECTIONS
-
-    lines = ["config keys (set in --config YAML/JSON or as section.key=value):"]
-    for sec, cls in _SECTIONS.items():
-        for f in fields(cls):
-            lines.append(f"  {sec}.{f.name} (default {f.default if not callable(f.default) else '...'!s})")
-    return "\n".join(lines)
-
-
 def _parser() -> argparse.ArgumentParser:
+    from .run_config import config_help
+
     ap = argparse.ArgumentParser(prog="zo-deepspeed", description="Zeroth-order fine-tuning on DeepSpeed ZeRO-3.")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     sub = ap.add_subparsers(dest="cmd")
     tr = sub.add_parser("train", help="fine-tune (no arguments: the embedded default job)",
-                        epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", help="YAML/JSON run config")
     tr.add_argument("--ds-config", help="DeepSpeed config JSON (default: embedded ZeRO-3)")
     tr.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its checkpoint")
@@ -78,24 +69,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_cfg(args, resume: bool = False):
-    from .run_config import load_run_config
+    from .run_config import load_run_config, load_saved_run_config
 
     overrides = list(args.overrides)
     if getattr(args, "ds_config", None):
         overrides.append(f"deepspeed={args.ds_config}")
-    path = args.config
-    if resume and path is None:
+    if resume and args.config is None:  # the run's own config.json, read in memory
         out = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir=")), "runs/default")
         saved = Path(out) / "config.json"
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {saved} not found; pass the run's train.output_dir")
-        raw = json.loads(saved.read_text())
-        raw.pop("resolved_ds_config", None)
-        raw.pop("world_size", None)
-        tmp = Path(out) / ".resume_config.json"
-        tmp.write_text(json.dumps(raw))
-        path = tmp
-    return load_run_config(path, overrides)
+        return load_saved_run_config(saved, overrides)
+    return load_run_config(args.config, overrides)
 
 
 def _train(args) -> int:
@@ -133,15 +118,14 @@ def _replay(args) -> int:
     from .build import build_ds_config, load_tokenizer, resolve_model_path
     from .checkpoint import export_hf
     from .engine import replay
-    from .run_config import RunConfig
+    from .run_config import RunConfig, TrainConfig
     from .trajectory import read_log
 
     path = resolve_model_path(args.model)
     # verified (format, z stream, contiguous steps, base fingerprint) before any model is built
     _, records = read_log(args.log, base=path)
     _, world = distributed.setup()
-    rc = RunConfig(deepspeed=args.ds_config)
-    rc.train.batch_size = world
+    rc = RunConfig(train=TrainConfig(batch_size=world), deepspeed=args.ds_config)
     eng = replay(lambda: AutoModelForCausalLM.from_pretrained(path), args.log, build_ds_config(rc, world, None),
                  base=path)
     export_hf(eng, Path(args.out), load_tokenizer(path))
@@ -157,14 +141,9 @@ def _export(args) -> int:
     run = Path(args.run_dir)
     if latest_checkpoint(run) is None:
         raise FileNotFoundError(f"{run} has no checkpoint (checkpoints/latest); train first or pass the run dir")
-    from .run_config import load_run_config
+    from .run_config import load_saved_run_config
 
-    raw = json.loads((run / "config.json").read_text())
-    raw.pop("resolved_ds_config", None)
-    raw.pop("world_size", None)
-    tmp = run / ".export_config.json"
-    tmp.write_text(json.dumps(raw))
-    cfg = load_run_config(tmp, [])
+    cfg = load_saved_run_config(run / "config.json")
     s = prepare_run(cfg)
     eng = build_engine(s)
     info = resume(eng, run)

@@ -105,7 +105,7 @@ class ZOEngine:
         self.rank, self.world_size = world()
         self.device = ds_engine.device if ds_engine is not None else next(module.parameters()).device
         # collective when zo.sparse_keep < 1 (one small all-reduce per bisection round): every rank, here
-        self.state = WeightState(self.parts, zo.restore, zo.dist, zo.compile, zo.base_device, zo.sparse_keep,
+        self.state = WeightState(self.parts, zo.restore, zo.distribution, zo.compile, zo.base_device, zo.sparse_keep,
                                  self.all_reduce if self.parts.zero3 else None)
         self.rule = UpdateRule(zo.optimizer, zo.momentum, zo.momentum_window)
         self._step = 0

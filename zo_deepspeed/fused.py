@@ -126,7 +126,7 @@ def apply(
     base_terms: Sequence[Term] = (),
     stochastic_round: StreamKey | None = None,
     mask_below: float | None = None,
-    dist: str = "gaussian",
+    distribution: str = "gaussian",
     compiled: bool | None = None,
     chunk: int | None = None,
 ) -> None:
@@ -155,7 +155,7 @@ def apply(
         raise ValueError(f"base shape {tuple(base.shape)} != piece shape {tuple(x.shape)}")
     if compiled is None:
         compiled = compile_enabled()
-    gaussian = dist == "gaussian"
+    gaussian = distribution == "gaussian"
     dev = x.device
     keys = [t.key.tensor(dev) for t in terms]
     coefs = [torch.tensor(float(t.coef), dtype=torch.float32, device=dev) for t in terms]

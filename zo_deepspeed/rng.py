@@ -50,15 +50,19 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-__all__ = ["StreamKey", "stream_key", "words", "variates", "DISTRIBUTIONS", "STREAM_VERSION"]
+from .typed import choices
+
+__all__ = ["StreamKey", "stream_key", "words", "variates", "Distribution", "DISTRIBUTIONS", "STREAM_VERSION"]
 
 # Written into every trajectory log: replaying a log needs the stream that produced it.
 STREAM_VERSION = "zo_deepspeed.z/1"
 
-DISTRIBUTIONS = ("gaussian", "rademacher")
+Distribution = Literal["gaussian", "rademacher"]  # zo.distribution
+DISTRIBUTIONS = choices(Distribution)
 _M = 0xFFFFFFFF
 _C1 = 0x21F0AAAD
 _C2 = 0x735A2D97
@@ -131,9 +135,9 @@ def words(key: StreamKey, start: int, n: int, lane: int = 0, device="cpu") -> to
     return _word(idx, k[2 * lane], k[2 * lane + 1]).to(torch.int64) & _M
 
 
-def variates(key: StreamKey, start: int, n: int, dist: str = "gaussian", device="cpu") -> torch.Tensor:
+def variates(key: StreamKey, start: int, n: int, distribution: str = "gaussian", device="cpu") -> torch.Tensor:
     """z[start:start+n] as float32 (eager; allocates n floats: for tests and references)."""
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {dist!r}; use one of {DISTRIBUTIONS}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; use one of {DISTRIBUTIONS}")
     idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    return _variates(idx, key.tensor(device), dist == "gaussian")
+    return _variates(idx, key.tensor(device), distribution == "gaussian")

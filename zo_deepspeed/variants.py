@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
-__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "lr_at", "UpdateRule"]
+from .typed import choices
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("sgd", "sign", "momentum")
+__all__ = ["LRSchedule", "Optimizer", "LR_SCHEDULES", "OPTIMIZERS", "lr_at", "UpdateRule"]
+
+LRSchedule = Literal["constant", "linear", "cosine"]  # zo.lr_schedule
+Optimizer = Literal["sgd", "sign", "momentum"]        # zo.optimizer
+LR_SCHEDULES = choices(LRSchedule)
+OPTIMIZERS = choices(Optimizer)
 
 
 def lr_at(lr: float, schedule: str, step: int, warmup_steps: int = 0, total_steps: int = 0) -> float:

@@ -1,4 +1,4 @@
-"""Examples, task base classes, the task registry and local-file loading.
+"""Examples, task base classes and the task registry (reading local files: :mod:`.files`).
 
 A task turns rows of a local data file (JSONL/JSON/CSV/TSV/parquet, read through ``datasets``)
 into :class:`Example` objects. Two kinds exist:
@@ -24,29 +24,20 @@ Adding a task takes one file::
 """
 from __future__ import annotations
 
-import csv
 import importlib
 import importlib.util
-import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 from . import metrics as _metrics
+from .files import (DATA_EXTENSIONS, Row, TaskDataError, TaskFileNotFoundError, _example_id, _is_null,
+                    read_table)
 
-DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 SPLITS = ("train", "dev", "test")
 _SPLIT_ALIASES = {"validation": "dev", "val": "dev", "valid": "dev", "eval": "dev"}
-
-
-class TaskDataError(ValueError):
-    """Bad task input (file, field, label). The message is one line naming the file/field."""
-
-
-class TaskFileNotFoundError(TaskDataError, FileNotFoundError):
-    """A data file or directory does not exist."""
 
 
 @dataclass
@@ -100,46 +91,6 @@ class Example:
         return " " + self.answers[0]
 
 
-def _is_null(value: Any) -> bool:
-    """None, or NaN (what an empty CSV cell becomes)."""
-    return value is None or (isinstance(value, float) and value != value)
-
-
-class Row(Mapping):
-    """Read-only view of one data row; ``row[key]`` raises a one-line error for a missing/null value."""
-
-    def __init__(self, data: Mapping[str, Any], task: str, source: str, index: int):
-        self._data, self.task, self.source, self.index = data, task, source, index
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._data.get(key)
-        if _is_null(value):
-            raise self.error(f"field '{key}' is missing or null")
-        return value
-
-    def __iter__(self):
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self._data.get(key)
-        return default if _is_null(value) else value
-
-    def text(self, key: str) -> str:
-        return str(self[key])
-
-    def sub(self, value: Any, what: str) -> "Row":
-        """A Row over a nested mapping (``what`` names it in error messages)."""
-        if not isinstance(value, Mapping):
-            raise self.error(f"{what} is not an object")
-        return Row(value, self.task, self.source, self.index)
-
-    def error(self, message: str) -> TaskDataError:
-        return TaskDataError(f"{self.task}: row {self.index} of {self.source}: {message}")
-
-
 def _label_key(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
@@ -149,82 +100,6 @@ def _label_key(value: Any) -> Any:
         s = value.strip().lower()
         return int(s) if re.fullmatch(r"-?\d+", s) else s
     return value
-
-
-def _example_id(row: Row, fallback: Any) -> str:
-    for key in ("idx", "id", "guid", "qid"):
-        value = row.get(key)
-        if value is None:
-            continue
-        if isinstance(value, Mapping):  # HF MultiRC/ReCoRD idx structs
-            return "-".join(str(v) for v in value.values())
-        return str(value)
-    return str(fallback)
-
-
-# ----------------------------------------------------------------------------------------- reading files
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
-
-
-def _is_blank(path: Path) -> bool:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 16):
-            if chunk.strip():
-                return False
-    return True
-
-
-def _json_records_field(path: Path) -> str | None:
-    """'data' for a SQuAD-style ``{"version": ..., "data": [...]}`` file, else None (records/JSON lines)."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"{"):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (ValueError, UnicodeDecodeError):
-        return None  # JSON lines
-    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-        return "data"
-    return None
-
-
-def read_table(path: str | Path):
-    """Load one local data file with ``datasets.load_dataset`` and return the ``datasets.Dataset``.
-
-    Formats by extension: .jsonl/.json (JSON lines, a JSON list, or SQuAD's ``{"data": [...]}``),
-    .csv, .tsv (GLUE: tab-separated, no quoting), .parquet. Raises :class:`TaskDataError` (one line)
-    for a missing, empty or unreadable file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise TaskFileNotFoundError(f"data file not found: {path}")
-    if path.is_dir():
-        raise TaskDataError(f"expected a data file but got a directory: {path}")
-    suffix = path.suffix.lower()
-    formats = {".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
-               ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}), ".parquet": ("parquet", {})}
-    if suffix not in formats:
-        raise TaskDataError(f"unsupported data file type '{suffix}' for {path} (use one of {', '.join(DATA_EXTENSIONS)})")
-    builder, kwargs = formats[suffix]
-    if suffix != ".parquet" and _is_blank(path):
-        raise TaskDataError(f"empty dataset: {path} has no rows")
-    if suffix == ".json":
-        records_field = _json_records_field(path)
-        if records_field:
-            kwargs = dict(kwargs, field=records_field)
-    from datasets import load_dataset
-    try:
-        ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except Exception as exc:  # noqa: BLE001 - report any reader failure as one line
-        raise TaskDataError(f"could not read {path} as {builder}: {_one_line(exc)}") from exc
-    if ds.num_rows == 0:
-        raise TaskDataError(f"empty dataset: {path} has no rows")
-    return ds
 
 
 # ----------------------------------------------------------------------------------------- tasks

@@ -20,12 +20,14 @@ from typing import Callable, Sequence
 import torch
 
 from ..engine import causal_lm_loss
+from ..run_config import Objective as _ObjectiveName
+from ..typed import choices
 from .base import Example, Task
 from .encoding import encode_for_training, score_candidates
 
 __all__ = ["Objective", "OBJECTIVES"]
 
-OBJECTIVES = ("loss", "choice", "accuracy", "f1")
+OBJECTIVES = tuple(c for c in choices(_ObjectiveName) if c != "auto")  # auto is resolved before a run starts
 
 
 def _pair(total: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,13 @@ from .rng import Distribution
 from .typed import check_fields, choices, section_values
 from .variants import LRSchedule, Optimizer
 
-__all__ = ["ZOConfig", "Restore", "BaseDevice", "RESTORE_MODES", "BASE_DEVICES"]
+__all__ = ["ZOConfig", "Restore", "BaseDevice", "Perturb", "RESTORE_MODES", "BASE_DEVICES", "PARTITION_ONLY_RESTORE"]
 
-Restore = Literal["auto", "inplace", "master", "backup"]
+Restore = Literal["auto", "inplace", "master", "backup", "none"]
 BaseDevice = Literal["same", "cpu"]
+Perturb = Literal["auto", "forward", "partition"]
+# restore modes that only mean something when the partition itself is perturbed
+PARTITION_ONLY_RESTORE = ("inplace", "backup")
 RESTORE_MODES = choices(Restore)
 BASE_DEVICES = choices(BaseDevice)
 
@@ -34,11 +37,19 @@ class ZOConfig:
     """Run seed; step t's j-th perturbation uses a seed derived from (seed, t, j)."""
     distribution: Distribution = "gaussian"
     """Distribution of z: gaussian (MeZO) or rademacher (+-1). Formerly zo.dist (still read, with a warning)."""
+    perturb: Perturb = "auto"
+    """Where a step evaluates theta +- eps z. forward: on the weights each forward reads (K perturbed copies of the
+    batch in one forward, one gather per step; the partition is never perturbed and only receives the update).
+    partition: edits every rank's partition in place (+eps z, -2 eps z, restore; two forwards per perturbation).
+    auto: forward, except with zo.restore=inplace or backup (partition-only modes) or train.objective=f1
+    (generate() decodes one model at a time), which take partition."""
     restore: Restore = "auto"
-    """How perturbed weights return to theta. inplace: x += c*z (exact up to rounding; lossy in 16 bit).
-    master: float32 copy of the local partition (4 B/param/rank), exact restore.
-    backup: 16-bit copy of the local partition (2 B/param/rank), exact restore, stochastically rounded update.
-    auto: inplace for float32 partitions, master for 16-bit ones."""
+    """How the weights are held. none (zo.perturb=forward only): the partition is never perturbed and holds theta;
+    updates land in place, stochastically rounded in bf16. inplace (partition mode): x += c*z (exact up to rounding;
+    lossy in 16 bit). master: float32 copy of the local partition (4 B/param/rank), exact, updates accumulate in
+    float32. backup (partition mode): 16-bit copy of the local partition (2 B/param/rank), exact restore,
+    stochastically rounded update. auto: perturb=forward: none (master for float16); partition: inplace for float32
+    partitions, master for 16-bit ones."""
     base_device: BaseDevice = "same"
     """Where master/backup copies live: same (next to the partition) or cpu."""
     fuse_update: bool = True
@@ -64,8 +75,9 @@ class ZOConfig:
     """Length of the linear/cosine schedule; 0: train.steps (filled in by run_config.resolve_run_config)."""
     sparse_keep: float = 1.0
     """Sparse-MeZO: fraction of each parameter's entries that are perturbed and updated, those of smallest |theta|
-    (threshold computed exactly across ranks from the starting weights). 1.0: dense MeZO. Needs restore=master or
-    backup, where the mask is read from the exact copy of theta. Weight decay still applies to every entry."""
+    (threshold computed exactly across ranks from the starting weights). 1.0: dense MeZO. The mask is read from an
+    exact theta: perturb=forward (the partition is theta), or restore=master or backup in partition mode. Weight
+    decay still applies to every entry."""
 
     def __post_init__(self) -> None:
         check_fields(self, "zo")  # types and Literal choices; the ranges below
@@ -98,6 +110,19 @@ class ZOConfig:
                 raise ValueError(f"zo.{name} must be an integer >= 0, got {v!r}")
         if not 0.0 < self.sparse_keep <= 1.0:
             raise ValueError(f"zo.sparse_keep must be in (0, 1] (1: dense), got {self.sparse_keep!r}")
+        if self.perturb == "forward" and self.restore in PARTITION_ONLY_RESTORE:
+            raise ValueError(f"zo.restore={self.restore} restores a perturbed partition, and zo.perturb=forward never "
+                             "perturbs it; use zo.restore=none (default) or master, or zo.perturb=partition")
+        if self.perturb == "partition" and self.restore == "none":
+            raise ValueError("zo.restore=none keeps the partition unperturbed, which only zo.perturb=forward does; "
+                             "use zo.restore=inplace/master/backup with zo.perturb=partition, or zo.perturb=forward")
+
+    def resolved_perturb(self, generates: bool = False) -> str:
+        """``perturb`` with auto decided: partition for a partition-only restore mode or when a step's losses
+        come from generate() (``generates``), forward otherwise."""
+        if self.perturb != "auto":
+            return self.perturb
+        return "partition" if generates or self.restore in PARTITION_ONLY_RESTORE else "forward"
 
     @classmethod
     def from_dict(cls, d: dict) -> "ZOConfig":

@@ -24,6 +24,7 @@ from .config import ZOConfig
 from . import distributed
 from .distributed import all_reduce, world
 from .partitions import Partitions, release_cpu_shm_names
+from .perturb import Block, ReadPerturbation
 from .trajectory import LogError, LogHeader, StepRecord, TrajectoryLog, read_log
 from .update import Update, WeightState, derive_seed
 from .variants import UpdateRule, lr_at
@@ -104,9 +105,13 @@ class ZOEngine:
                              "(the trainer sets it to train.steps)")
         self.rank, self.world_size = world()
         self.device = ds_engine.device if ds_engine is not None else next(module.parameters()).device
+        self.perturb = zo.resolved_perturb()
         # collective when zo.sparse_keep < 1 (one small all-reduce per bisection round): every rank, here
         self.state = WeightState(self.parts, zo.restore, zo.distribution, zo.compile, zo.base_device, zo.sparse_keep,
-                                 self.all_reduce if self.parts.zero3 else None)
+                                 self.all_reduce if self.parts.zero3 else None, self.perturb)
+        # perturb on read: the modules' forwards evaluate theta + c_k z_k for the K blocks of a stacked batch
+        self.read = ReadPerturbation(module, self.parts.params, zo.distribution, zo.compile, self.state.thresholds) \
+            if self.perturb == "forward" else None
         self.rule = UpdateRule(zo.optimizer, zo.momentum, zo.momentum_window)
         self._step = 0
         self._skips = 0
@@ -173,7 +178,14 @@ class ZOEngine:
         t = self._step
         seeds = tuple(derive_seed(zo.seed, t, j) for j in range(zo.q))
         sums = torch.zeros(2 * zo.q + 1, dtype=torch.float64)
-        for j, s in enumerate(seeds):
+        if self.read is not None:
+            # one forward over 2q blocks of the stacked batch: +eps z_j for block j, -eps z_j for block q + j;
+            # the partition holds theta (the last step's update was applied when it ended)
+            faults.crash_point("perturbed", t)  # crash tests: die inside a step (inert otherwise)
+            blocks = [Block(((s, sign * zo.eps),)) for sign in (1.0, -1.0) for s in seeds]
+            sums[:-1], count = self.read.losses(self.loss_fn, self.forward, [self._to_device(m) for m in micro],
+                                                blocks)
+        for j, s in enumerate(seeds if self.read is None else ()):
             # pass 1 of j: (pending update) + restore + show theta + eps z_j
             self.state.transition(self._pending if j == 0 else None, [(s, zo.eps)])
             self._pending = None
@@ -209,8 +221,8 @@ class ZOEngine:
             terms, decay = self.rule.terms(seeds, g, lr), lr * zo.weight_decay
             if terms or decay:
                 self._pending = Update(decay, terms)
-        if not zo.fuse_update:
-            self.flush()
+        if self.read is not None or not zo.fuse_update:
+            self.flush()  # perturb on read: the update is the step's one pass over the partition
         # g is all-reduced, so every rank takes these branches at the same step: no rank is left behind
         skips = self._skips + 1 if skipped else 0
         if skipped and self.rank == 0:

@@ -25,7 +25,7 @@ import torch
 
 from .rng import StreamKey, _sr_bits, _variates
 
-__all__ = ["Term", "apply", "default_chunk"]
+__all__ = ["Term", "apply", "perturbed_rows", "default_chunk"]
 
 # Compiled, on CPU: 1 Mi elements, large enough that the per-call Python
 # overhead (~20-50 us) is noise next to the ~3 ms of work. On an accelerator a
@@ -52,10 +52,6 @@ def _combine(v, idx, keys, coefs, gaussian):
     return v
 
 
-def _kernel_inplace(x, idx0, a, keys, coefs, gaussian: bool):
-    idx = idx0 + torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
-    v = _combine(x.to(torch.float32) * a, idx, keys, coefs, gaussian)
-    x.copy_(v)
 
 
 def _round_bf16_stochastic(v, idx, srkey):
@@ -75,6 +71,21 @@ def _add_terms(v, b, idx, keys, coefs, gaussian, tau):
         return _combine(v, idx, keys, coefs, gaussian)
     dz = _combine(torch.zeros_like(v), idx, keys, coefs, gaussian)
     return v + torch.where(b.abs() <= tau, dz, torch.zeros_like(dz))
+
+
+def _kernel_inplace(x, idx0, a, keys, coefs, srkey, gaussian: bool, tau=None):
+    idx = idx0 + torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
+    v = x.to(torch.float32)
+    v = _add_terms(v * a, v, idx, keys, coefs, gaussian, tau)
+    if srkey is not None:
+        v = _round_bf16_stochastic(v, idx, srkey)
+    x.copy_(v)
+
+
+def _kernel_rows(out, base, idx, keys, coefs, gaussian: bool, tau=None):
+    """out <- base + sum(c z) at the arbitrary global indices ``idx`` (rows of an embedding)."""
+    b = base.to(torch.float32)
+    out.copy_(_add_terms(b, b, idx, keys, coefs, gaussian, tau))
 
 
 def _kernel_base(x, base, idx0, a, ukeys, ucoefs, pkeys, pcoefs, srkey, gaussian: bool, update: bool, tau=None):
@@ -132,7 +143,9 @@ def apply(
 ) -> None:
     """One fused pass over the 1-D tensor ``x`` holding global elements [start, start+len(x)).
 
-    Without ``base``: ``x <- scale*x + sum(terms)``.
+    Without ``base``: ``x <- scale*x + sum(terms)``, stochastically rounded when ``stochastic_round``
+    is given and x is bf16; ``mask_below`` then reads the mask from x itself, before the edit, so x
+    must hold theta exactly (a partition that is never perturbed: zo.perturb=forward).
 
     With ``base`` (a float32 master or a 16-bit backup of the same elements):
     if ``base_terms`` or ``scale != 1``: ``base <- scale*base + sum(base_terms)``
@@ -140,17 +153,15 @@ def apply(
     bf16); then ``x <- base + sum(terms)`` in x's dtype. ``x`` is only ever
     written from ``base``, so restoring it is exact.
 
-    ``mask_below`` (with ``base`` only; Sparse-MeZO): the terms reach only the
-    entries whose exact value in ``base`` has ``|base| <= mask_below``
-    (evaluated before the update for ``base_terms``, after it for ``terms``).
+    ``mask_below`` (Sparse-MeZO): the terms reach only the entries whose exact
+    value in ``base`` has ``|base| <= mask_below`` (evaluated before the update
+    for ``base_terms``, after it for ``terms``).
     """
     if x.dim() != 1:
         raise ValueError("fused.apply expects a 1-D view")
     n = x.shape[0]
     if n == 0:
         return
-    if mask_below is not None and base is None:
-        raise ValueError("mask_below needs base: the mask is read from the exact copy of theta")
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base shape {tuple(base.shape)} != piece shape {tuple(x.shape)}")
     if compiled is None:
@@ -161,14 +172,16 @@ def apply(
     coefs = [torch.tensor(float(t.coef), dtype=torch.float32, device=dev) for t in terms]
     a = torch.tensor(float(scale), dtype=torch.float32, device=dev)
     step = chunk or (_EAGER_CHUNK if not compiled else default_chunk if dev.type == "cpu" else accelerator_chunk)
+    tau = None if mask_below is None else torch.tensor(float(mask_below), dtype=torch.float32, device=dev)
     if base is None:
         if scale == 1.0 and not terms:
             return
+        srkey = stochastic_round.tensor(dev) if stochastic_round is not None and x.dtype == torch.bfloat16 else None
         fn = _get("inplace", _kernel_inplace, compiled)
         for s in range(0, n, step):
             e = min(n, s + step)
             idx0 = torch.tensor(start + s, dtype=torch.int64, device=dev)
-            fn(x[s:e], idx0, a, keys, coefs, gaussian)
+            fn(x[s:e], idx0, a, keys, coefs, srkey, gaussian, tau)
         return
     update = bool(base_terms) or scale != 1.0
     ukeys = [t.key.tensor(dev) for t in base_terms]
@@ -176,9 +189,25 @@ def apply(
     srkey = None
     if update and stochastic_round is not None and base.dtype == torch.bfloat16:
         srkey = stochastic_round.tensor(dev)
-    tau = None if mask_below is None else torch.tensor(float(mask_below), dtype=torch.float32, device=dev)
     fn = _get("base", _kernel_base, compiled)
     for s in range(0, n, step):
         e = min(n, s + step)
         idx0 = torch.tensor(start + s, dtype=torch.int64, device=dev)
         fn(x[s:e], base[s:e], idx0, a, ukeys, ucoefs, keys, coefs, srkey, gaussian, update, tau)
+
+
+def perturbed_rows(base: torch.Tensor, idx: torch.Tensor, terms: Sequence[Term], *, mask_below: float | None = None,
+                   distribution: str = "gaussian", compiled: bool | None = None) -> torch.Tensor:
+    """``base + sum(terms)`` at the global flat indices ``idx`` (1-D int64, same length as the 1-D
+    ``base`` holding theta at those indices), in base's dtype: the same arithmetic, element for element,
+    as :func:`apply` with ``base``. For the rows an embedding lookup reads."""
+    if compiled is None:
+        compiled = compile_enabled()
+    dev = base.device
+    keys = [t.key.tensor(dev) for t in terms]
+    coefs = [torch.tensor(float(t.coef), dtype=torch.float32, device=dev) for t in terms]
+    tau = None if mask_below is None else torch.tensor(float(mask_below), dtype=torch.float32, device=dev)
+    out = torch.empty_like(base)
+    if out.numel():
+        _get("rows", _kernel_rows, compiled)(out, base, idx, keys, coefs, distribution == "gaussian", tau)
+    return out

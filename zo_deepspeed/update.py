@@ -18,6 +18,10 @@ How theta is held depends on ``restore``:
   is exact and the update accumulates in float32.
 * backup: a copy of theta in the partition dtype; exact restore; the update
   is stochastically rounded (bf16) so small updates are not lost on average.
+* none (``zo.perturb=forward``): the partition always holds theta (the
+  forwards perturb what they read, :mod:`zo_deepspeed.perturb`); the only
+  transition is the update, ``x <- a*x + update``, one pass per step,
+  stochastically rounded in bf16 (seeded: deterministic, world-size invariant).
 """
 from __future__ import annotations
 
@@ -50,11 +54,15 @@ class Update:
     terms: tuple[Stream, ...]
 
 
-def resolve_restore(restore: str, dtype: torch.dtype) -> str:
+def resolve_restore(restore: str, dtype: torch.dtype, perturb: str = "partition") -> str:
+    """The restore mode for partitions of ``dtype`` under ``perturb`` (forward or partition)."""
     if restore == "auto":
+        if perturb == "forward":
+            # fp16 has no stochastic rounding here: small updates would be lost to round-to-nearest
+            return "master" if dtype == torch.float16 else "none"
         return "inplace" if dtype == torch.float32 else "master"
-    if restore == "backup" and dtype == torch.float16:
-        raise ValueError("zo.restore=backup rounds updates stochastically only for bf16/fp32 partitions; "
+    if restore in ("backup", "none") and dtype == torch.float16:
+        raise ValueError(f"zo.restore={restore} rounds updates stochastically only for bf16/fp32 partitions; "
                          "use zo.restore=master with fp16")
     return restore
 
@@ -71,19 +79,21 @@ class WeightState:
 
     def __init__(self, parts: Partitions, restore: str = "auto", distribution: str = "gaussian",
                  compiled: bool = True, base_device: str = "same", sparse_keep: float = 1.0,
-                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, perturb: str = "partition"):
         """``sparse_keep`` < 1 (Sparse-MeZO): edits reach only the entries of smallest |theta|; the
         thresholds are computed here from the starting weights, summing counts over ranks with
         ``all_reduce`` (collective: every rank constructs its state at the same point)."""
         self.parts = parts
         dtype = parts.params[0][1].dtype
-        self.restore = resolve_restore(restore, dtype)
+        self.restore = resolve_restore(restore, dtype, perturb)
+        # elements of this rank's pieces written so far (instrumentation: a step's host work under offload)
+        self.edited = 0
         self.distribution = distribution
         self.compiled = compiled
         self.base_device = base_device
         self.offset: list[Stream] = []
         self.bases: dict[tuple[str, str], torch.Tensor] = {}
-        if self.restore != "inplace":
+        if self.restore in ("master", "backup"):
             with parts.editing() as it:
                 for pc in it:
                     dev = pc.tensor.device if base_device == "same" else torch.device("cpu")
@@ -93,7 +103,7 @@ class WeightState:
         self.thresholds: dict[str, float] | None = None
         if sparse_keep < 1.0:
             if self.restore == "inplace":
-                raise ValueError("zo.sparse_keep < 1 reads the mask from an exact copy of theta: set "
+                raise ValueError("zo.sparse_keep < 1 reads the mask from an exact theta: set zo.perturb=forward, or "
                                  "zo.restore=master (float32 copy) or zo.restore=backup (copy in the partition dtype)")
             from .sparse import magnitude_thresholds
 
@@ -105,7 +115,14 @@ class WeightState:
         out: dict[str, tuple[str, int, list[torch.Tensor]]] = {}
         for name, p in self.parts.params:
             out[name] = (name, self.parts.full_shape(p).numel(), [])
-        for (key, slot), b in self.bases.items():
+        exact = self.bases.items()
+        if self.restore == "none":  # the partition itself is theta
+            if self.parts.nvme:
+                raise ValueError("zo.sparse_keep < 1 with NVMe offload and zo.restore=none: the swapped-out "
+                                 "partitions cannot be read for the thresholds; set zo.restore=master")
+            with self.parts.editing() as it:
+                exact = [((pc.key, pc.slot), pc.tensor) for pc in it]
+        for (key, slot), b in exact:
             if slot in ("primary", "replica"):
                 out[key][2].append(b.view(-1))
         return list(out.values())
@@ -119,9 +136,13 @@ class WeightState:
         offset = list(offset)
         if update is None and offset == self.offset:
             return
+        if offset and self.restore == "none":
+            raise ValueError("zo.restore=none: the partition is never perturbed (perturbations are read by the "
+                             "forward); only updates may be applied")
         with self.parts.editing() as pieces:
             for pc in pieces:
                 self._edit(pc, update, offset)
+                self.edited += pc.tensor.numel()
         self.offset = offset
 
     def _edit(self, pc, update: Update | None, offset: list[Stream]) -> None:
@@ -129,18 +150,22 @@ class WeightState:
         a = 1.0 - decay
         upd = list(update.terms) if update is not None else []
         keys = lambda streams: [Term(stream_key(s, pc.key), c) for s, c in streams]  # noqa: E731
+        tau = None if self.thresholds is None else self.thresholds[pc.key]
+        sr = None
+        if self.restore in ("backup", "none") and upd:
+            # noise for rounding keyed by the first update seed: deterministic,
+            # world-size invariant, different every step
+            sr = stream_key(upd[0][0], pc.key)
         if self.restore == "inplace":
             terms = _merge([(s, -a * c) for s, c in self.offset] + upd + offset)
             apply(pc.tensor, pc.start, keys(terms), scale=a, distribution=self.distribution,
                   compiled=self.compiled)
             return
+        if self.restore == "none":  # x is theta: the mask is read from it, before the update
+            apply(pc.tensor, pc.start, keys(upd), scale=a, stochastic_round=sr, mask_below=tau,
+                  distribution=self.distribution, compiled=self.compiled)
+            return
         base = self.bases[(pc.key, pc.slot)]
-        tau = None if self.thresholds is None else self.thresholds[pc.key]
-        sr = None
-        if self.restore == "backup" and upd:
-            # noise for rounding keyed by the first update seed: deterministic,
-            # world-size invariant, different every step
-            sr = stream_key(upd[0][0], pc.key)
         if base.device == pc.tensor.device:
             apply(pc.tensor, pc.start, keys(offset), scale=a, base=base, base_terms=keys(upd),
                   stochastic_round=sr, mask_below=tau, distribution=self.distribution, compiled=self.compiled)

@@ -301,7 +301,7 @@ def test_help_shows_every_key_with_default_and_docstring():
             assert f"  {sec}.{f.name} = " in out, f"{sec}.{f.name} missing from --help"
             assert doc.splitlines()[0] in out, f"{sec}.{f.name}'s docstring missing from --help"
     assert "  zo.lr = 1.0e-05" in out and defaults.zo.lr == 1e-5  # the run's default, not ZOConfig's
-    assert "  zo.restore = auto   (auto | inplace | master | backup)" in out
+    assert "  zo.restore = auto   (auto | inplace | master | backup | none)" in out
     assert field_docs(RunConfig)["deepspeed"].splitlines()[0] in out
 
 

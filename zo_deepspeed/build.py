@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .run_config import DEFAULT_DS_CONFIG, RunConfig
+from .run_config import DEFAULT_DS_CONFIG, DEFAULT_DS_CONFIG_ONE_RANK, RunConfig
 
 __all__ = ["RunSetup", "prepare_run", "build_engine", "build_ds_config", "load_tokenizer", "resolve_model_path",
            "check_writable", "RunLock"]
@@ -71,12 +71,23 @@ def check_writable(run_dir: Path) -> None:
                          "pick a writable train.output_dir")
 
 
+def default_ds_config(world: int) -> tuple[dict, str]:
+    """The embedded ds_config for a run given none, and why it is that one (printed at start)."""
+    if world == 1:
+        return (json.loads(json.dumps(DEFAULT_DS_CONFIG_ONE_RANK)),
+                "a replica (ZeRO stage 0): one rank holds the whole model either way, and ZeRO-3 would only "
+                "add its gather hooks to every module call; pass --ds-config for another layout")
+    return (json.loads(json.dumps(DEFAULT_DS_CONFIG)),
+            f"ZeRO-3: each of the {world} ranks holds 1/{world} of every parameter; pass --ds-config for offload "
+            "or hpZ (ds_configs/)")
+
+
 def build_ds_config(cfg: RunConfig, world: int, run_dir: Path | None) -> dict:
     """The ds_config for this run: the user's file (or the embedded default) with "auto" filled in;
     with ``run_dir``, DeepSpeed's CSV (and TensorBoard, when installed) monitors write into it."""
     from .ds_config import fill_auto, load_ds_config, validate_ds_config
 
-    ds = load_ds_config(cfg.deepspeed) if cfg.deepspeed else json.loads(json.dumps(DEFAULT_DS_CONFIG))
+    ds = load_ds_config(cfg.deepspeed) if cfg.deepspeed else default_ds_config(world)[0]
     t = cfg.train
     if t.batch_size % (world * t.grad_accum):
         raise ValueError(f"train.batch_size={t.batch_size} does not divide into world size {world} x "
@@ -87,6 +98,11 @@ def build_ds_config(cfg: RunConfig, world: int, run_dir: Path | None) -> dict:
                                                                       else None)
     if half and cfg.model.dtype != half:
         raise ValueError(f"ds_config enables {half} but model.dtype={cfg.model.dtype}; set model.dtype={half}")
+    if run_dir is not None and "comms_logger" not in ds:
+        # the step profile's gathered bytes (profile.py). DeepSpeed then synchronises after each collective:
+        # free on the CPU, a cost on GPUs that overlap prefetch with compute; a ds_config with its own
+        # "comms_logger" block (enabled: false) turns it off
+        ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
     if run_dir is not None and "csv_monitor" not in ds:
         ds["csv_monitor"] = {"enabled": True, "output_path": str(run_dir / "monitor"), "job_name": "csv"}
         try:
@@ -151,6 +167,9 @@ def prepare_run(cfg: RunConfig, run_dir: Path | None = None) -> RunSetup:
     tokenizer = load_tokenizer(model_path)
     check_model_inputs(model_path, tokenizer, cfg.data.max_length)
     ds_config = build_ds_config(cfg, world, run_dir)
+    if rank == 0:
+        layout = default_ds_config(world)[1] if cfg.deepspeed is None else f"the ds_config {cfg.deepspeed}"
+        print(f"[zo_deepspeed] layout: {layout}; perturbation: zo.perturb={cfg.zo.resolved_perturb()}", flush=True)
     return RunSetup(cfg, rank, world, task, splits, model_path, tokenizer, ds_config)
 
 

@@ -172,7 +172,8 @@ def _plot(args) -> int:
     recs = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
     steps = [r for r in recs if "loss" in r]
     evals = {k: [(r["step"], r[k]) for r in recs if k in r] for k in {k for r in recs for k in r if "/" in k}}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    axes = grid[0]
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
     axes[0].set(title="loss (mean of L+ and L-)", xlabel="step")
     axes[1].plot([r["step"] for r in steps], [r["g"] for r in steps], lw=0.6)
@@ -181,6 +182,20 @@ def _plot(args) -> int:
         axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
     axes[2].set(title="evaluation", xlabel="step")
     axes[2].legend()
+    # the step profile (zo_deepspeed/profile.py): time, gathered bytes, peak memory per step
+    panels = [("time per step (s)", ("time/forward_s", "time/edit_s")),
+              ("gathered per step (GiB)", ("comm/gathered_gib",)),
+              ("peak memory (GiB)", ("memory/peak_device_gib", "memory/peak_rss_gib"))]
+    for ax, (title, keys) in zip(grid[1], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in steps if k in r]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=k)
+        ax.set(title=title, xlabel="step")
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
     out = Path(args.out) if args.out else run / "curves.png"
     fig.tight_layout()
     fig.savefig(out, dpi=110)

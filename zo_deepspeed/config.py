@@ -41,8 +41,9 @@ class ZOConfig:
     """Where a step evaluates theta +- eps z. forward: on the weights each forward reads (K perturbed copies of the
     batch in one forward, one gather per step; the partition is never perturbed and only receives the update).
     partition: edits every rank's partition in place (+eps z, -2 eps z, restore; two forwards per perturbation).
-    auto: forward, except with zo.restore=inplace or backup (partition-only modes) or train.objective=f1
-    (generate() decodes one model at a time), which take partition."""
+    auto: forward for language models (HF/peft: the rows of a batch are computed independently), except with
+    zo.restore=inplace or backup (partition-only modes) or train.objective=f1 (generate() decodes one model at a
+    time); partition otherwise."""
     restore: Restore = "auto"
     """How the weights are held. none (zo.perturb=forward only): the partition is never perturbed and holds theta;
     updates land in place, stochastically rounded in bf16. inplace (partition mode): x += c*z (exact up to rounding;
@@ -117,12 +118,15 @@ class ZOConfig:
             raise ValueError("zo.restore=none keeps the partition unperturbed, which only zo.perturb=forward does; "
                              "use zo.restore=inplace/master/backup with zo.perturb=partition, or zo.perturb=forward")
 
-    def resolved_perturb(self, generates: bool = False) -> str:
-        """``perturb`` with auto decided: partition for a partition-only restore mode or when a step's losses
-        come from generate() (``generates``), forward otherwise."""
+    def resolved_perturb(self, generates: bool = False, rowwise: bool = True) -> str:
+        """``perturb`` with auto decided: partition for a partition-only restore mode, when a step's losses
+        come from generate() (``generates``), or for a model whose batch rows are not known to be computed
+        independently (``rowwise`` False: stacking K perturbed copies of the batch needs that); forward
+        otherwise."""
         if self.perturb != "auto":
             return self.perturb
-        return "partition" if generates or self.restore in PARTITION_ONLY_RESTORE else "forward"
+        partition = generates or not rowwise or self.restore in PARTITION_ONLY_RESTORE
+        return "partition" if partition else "forward"
 
     @classmethod
     def from_dict(cls, d: dict) -> "ZOConfig":

@@ -23,8 +23,9 @@ from .adapters import prepare as prepare_adapter
 from .config import ZOConfig
 from . import distributed
 from .distributed import all_reduce, world
-from .partitions import Partitions, release_cpu_shm_names
+from .partitions import Partitions, gathered_bytes, release_cpu_shm_names
 from .perturb import Block, ReadPerturbation
+from .profile import StepProfile, Stopwatch, peak_memory
 from .trajectory import LogError, LogHeader, StepRecord, TrajectoryLog, read_log
 from .update import Update, WeightState, derive_seed
 from .variants import UpdateRule, lr_at
@@ -66,6 +67,7 @@ class StepResult:
     skipped: bool = False
     update: tuple[tuple[int, float], ...] = ()  # the (seed, coefficient) streams of the update
     decay: float = 0.0    # theta <- (1 - decay) * theta on >= 2-D parameters
+    profile: StepProfile | None = None  # this rank's time, edits, gathered bytes and peak memory
 
     @property
     def loss(self) -> float:
@@ -82,6 +84,15 @@ class Layout:
 
     def to_dict(self) -> dict:
         return {"world_size": self.world_size, "layout": self.kind, "restore": self.restore}
+
+
+def _rowwise(module: torch.nn.Module) -> bool:
+    """Whether the model is known to compute the rows of a batch independently (HF causal LMs and the
+    peft models wrapping them): what a K-block forward over a stacked batch needs."""
+    from transformers import PreTrainedModel
+
+    base = module.get_base_model() if adapter_of(module) is not None else module  # peft: the wrapped LM
+    return isinstance(base, PreTrainedModel)
 
 
 class ZOEngine:
@@ -105,7 +116,7 @@ class ZOEngine:
                              "(the trainer sets it to train.steps)")
         self.rank, self.world_size = world()
         self.device = ds_engine.device if ds_engine is not None else next(module.parameters()).device
-        self.perturb = zo.resolved_perturb()
+        self.perturb = zo.resolved_perturb(rowwise=_rowwise(module))
         # collective when zo.sparse_keep < 1 (one small all-reduce per bisection round): every rank, here
         self.state = WeightState(self.parts, zo.restore, zo.distribution, zo.compile, zo.base_device, zo.sparse_keep,
                                  self.all_reduce if self.parts.zero3 else None, self.perturb)
@@ -177,23 +188,29 @@ class ZOEngine:
         zo = self.zo
         t = self._step
         seeds = tuple(derive_seed(zo.seed, t, j) for j in range(zo.q))
+        watch, edited = Stopwatch(self.device), self.state.edited
         sums = torch.zeros(2 * zo.q + 1, dtype=torch.float64)
         if self.read is not None:
             # one forward over 2q blocks of the stacked batch: +eps z_j for block j, -eps z_j for block q + j;
             # the partition holds theta (the last step's update was applied when it ended)
             faults.crash_point("perturbed", t)  # crash tests: die inside a step (inert otherwise)
             blocks = [Block(((s, sign * zo.eps),)) for sign in (1.0, -1.0) for s in seeds]
-            sums[:-1], count = self.read.losses(self.loss_fn, self.forward, [self._to_device(m) for m in micro],
-                                                blocks)
+            with watch.phase("forward"):
+                sums[:-1], count = self.read.losses(self.loss_fn, self.forward, [self._to_device(m) for m in micro],
+                                                    blocks)
         for j, s in enumerate(seeds if self.read is None else ()):
             # pass 1 of j: (pending update) + restore + show theta + eps z_j
-            self.state.transition(self._pending if j == 0 else None, [(s, zo.eps)])
+            with watch.phase("edit"):
+                self.state.transition(self._pending if j == 0 else None, [(s, zo.eps)])
             self._pending = None
             faults.crash_point("perturbed", t)  # crash tests: die holding theta + eps z (inert otherwise)
-            sums[j], count = self._losses(micro)
+            with watch.phase("forward"):
+                sums[j], count = self._losses(micro)
             # pass 2 of j: show theta - eps z_j
-            self.state.transition(None, [(s, -zo.eps)])
-            sums[zo.q + j], _ = self._losses(micro)
+            with watch.phase("edit"):
+                self.state.transition(None, [(s, -zo.eps)])
+            with watch.phase("forward"):
+                sums[zo.q + j], _ = self._losses(micro)
         sums[-1] = count
         if faults.hit("nan", t) or faults.hit("inf", t):  # fault injection (tests): a bad loss on this rank
             sums[0] = math.nan if faults.hit("nan", t) else math.inf
@@ -222,7 +239,8 @@ class ZOEngine:
             if terms or decay:
                 self._pending = Update(decay, terms)
         if self.read is not None or not zo.fuse_update:
-            self.flush()  # perturb on read: the update is the step's one pass over the partition
+            with watch.phase("edit"):
+                self.flush()  # perturb on read: the update is the step's one pass over the partition
         # g is all-reduced, so every rank takes these branches at the same step: no rank is left behind
         skips = self._skips + 1 if skipped else 0
         if skipped and self.rank == 0:
@@ -233,7 +251,10 @@ class ZOEngine:
             raise RuntimeError(f"stopping: {skips} consecutive steps had a non-finite loss "
                                f"(last: step {t}); check the data and model.dtype, lower zo.lr or zo.eps, "
                                f"or raise zo.max_consecutive_skips (0: never stop)")
-        res = StepResult(t, lp[0], lm[0], tuple(g), seeds, lr, skipped, terms, decay)
+        profile = StepProfile(watch.totals.get("forward", 0.0), watch.totals.get("edit", 0.0),
+                              self.state.edited - edited, gathered_bytes() if self.parts.zero3 else None,
+                              *peak_memory(self.device))
+        res = StepResult(t, lp[0], lm[0], tuple(g), seeds, lr, skipped, terms, decay, profile)
         if self.log is not None:
             self.log.append(StepRecord.from_result(res, eps=zo.eps, weight_decay=zo.weight_decay,
                                                    example_ids=example_ids if example_ids is not None else ()))

@@ -31,7 +31,8 @@ class MetricsLog:
 
     def step(self, res) -> None:
         """One training step's record, and the progress bar."""
-        self.write({"step": res.step + 1, "loss": res.loss, "g": res.g[0], "lr": res.lr, "skipped": res.skipped})
+        self.write({"step": res.step + 1, "loss": res.loss, "g": res.g[0], "lr": res.lr, "skipped": res.skipped,
+                    **(res.profile.metrics() if res.profile is not None else {})})
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{res.loss:.4f}", g=f"{res.g[0]:+.3g}")

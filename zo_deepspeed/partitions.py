@@ -33,7 +33,8 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Piece", "Partitions", "gather_state_dict", "iter_full_params", "full_shape", "is_partitioned", "assign_full"]
+__all__ = ["Piece", "Partitions", "gather_state_dict", "iter_full_params", "full_shape", "is_partitioned", "assign_full",
+           "gathered_bytes"]
 
 
 @dataclass(frozen=True)
@@ -260,3 +261,18 @@ def release_cpu_shm_names() -> None:
         os.unlink(name)
     except FileNotFoundError:
         pass  # not created (ranks on several nodes, or an older DeepSpeed): nothing leaked
+
+
+def gathered_bytes() -> int | None:
+    """All-gather bytes DeepSpeed's comms logger recorded since the last call (per rank, as it counts
+    them: the input partitions), then its records cleared so they never grow over a long run. None
+    when the logger is off."""
+    import deepspeed.comm as dscomm
+
+    logger = getattr(dscomm, "comms_logger", None)
+    if logger is None or not logger.enabled:
+        return None
+    raw = logger.get_raw_data()
+    logger.reset_data()
+    return int(sum(size * rec[0] for op, sizes in raw.items() if "all_gather" in op or "allgather" in op
+                   for size, rec in sizes.items()))

@@ -21,17 +21,21 @@ from .config import ZOConfig
 from .typed import canonical_key, check_fields, choices, coerce, field_docs, field_types, section_values, show
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "DType", "Objective",
-           "load_run_config", "load_saved_run_config", "resolve_run_config", "config_help", "DEFAULT_DS_CONFIG"]
+           "load_run_config", "load_saved_run_config", "resolve_run_config", "config_help", "DEFAULT_DS_CONFIG",
+           "DEFAULT_DS_CONFIG_ONE_RANK"]
 
-# Embedded default: ZeRO-3, partitions next to the compute, no persistent
-# parameters (small params are gathered with their layer instead of being kept
-# whole, which would need a release before every edit).
+# Embedded defaults (no deepspeed file given; build.default_ds_config picks one by world size).
+# Several ranks: ZeRO-3, partitions next to the compute, no persistent parameters (small params are
+# gathered with their layer instead of being kept whole, which would need a release before every edit).
 DEFAULT_DS_CONFIG = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "steps_per_print": 1_000_000_000,
 }
+# One rank: a replica (stage 0). ZeRO-3 would hold the same bytes at world size 1 and add its gather
+# hooks to every module call (41% of the default job's step on the 2-core CPU, bench/RESULTS.md).
+DEFAULT_DS_CONFIG_ONE_RANK = {**DEFAULT_DS_CONFIG, "zero_optimization": {"stage": 0}}
 
 DType = Literal["float32", "bfloat16", "float16"]                # model.dtype
 Objective = Literal["auto", "loss", "choice", "accuracy", "f1"]  # train.objective
@@ -229,7 +233,8 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
     """``cfg`` with the settings that derive from others filled in; a resolved tree comes back unchanged.
 
     * ``train.objective`` auto -> choice for classification tasks, loss otherwise (the kind of ``data.task``);
-    * ``zo.total_steps`` 0 -> ``train.steps`` (the horizon of a linear/cosine schedule).
+    * ``zo.total_steps`` 0 -> ``train.steps`` (the horizon of a linear/cosine schedule);
+    * ``zo.perturb`` auto -> forward, or partition (``train.objective=f1``, partition-only restore modes).
 
     The adapter's zo defaults are applied by :func:`load_run_config`, the one place that knows which zo keys
     were set explicitly (explicit values win)."""
@@ -241,6 +246,11 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
         train = replace(train, objective="choice" if kind == "classification" else "loss")
     if zo.total_steps == 0 and train.steps > 0:
         zo = replace(zo, total_steps=train.steps)
+    if zo.perturb == "auto":  # f1: each loss is a generate() call, which decodes one model at a time
+        zo = replace(zo, perturb=zo.resolved_perturb(generates=train.objective == "f1"))
+    elif zo.perturb == "forward" and train.objective == "f1":
+        raise ValueError("train.objective=f1 scores generate() calls, which decode one model at a time, and "
+                         "zo.perturb=forward reads K perturbed models in one forward; set zo.perturb=partition")
     return cfg if (train, zo) == (cfg.train, cfg.zo) else replace(cfg, train=train, zo=zo)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import zo_deepspeed as zd
-from conftest import make_batches, tiny_llama
+from harness import make_batches, tiny_llama
 
 
 def _weights(m):

@@ -24,7 +24,7 @@ import torch
 from harness import (DIST, REPO, ZO_EAGER, compare, filled_ds, free_port, hf_weights, read_trajectory, reference,
                      rel_err, repo_env, replayed, run_cli, save_batches, scenario, write_spec)
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.cluster
 
 CLUSTER = REPO.parent / "shared" / "slurm" / "local-cluster.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"

@@ -134,10 +134,6 @@ def results(tiny_lm_dir, tmp_path_factory):
     return {cid: (*out[cid], root / cid, before[cid]) for cid, *_ in CASES}
 
 
-def test_at_least_twenty_cases():
-    assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)
-
-
 @pytest.mark.parametrize("cid,argv,needle,files", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(cid, argv, needle, files, results):
     rc, err, folder, before = results[cid]

@@ -155,9 +155,9 @@ def test_kill_anywhere_resume_is_bitwise_one_process(tiny_lm_dir, ref1, tmp_path
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("zo-deepspeed train: error:")]
     assert p.returncode == 2 and len(err) == 1 and "sha256" in err[0] and shard.name in err[0], p.stderr[-2000:]
     # neither refusal rewrote anything (log not truncated, no checkpoint, no export); new files only
-    # where every start writes them (the resume config, DeepSpeed's monitor event files)
+    # where every start writes them (DeepSpeed's monitor event files)
     assert all(f.read_bytes() == b for f, b in before.items() if f != shard)
-    new = {f for f in run.rglob("*") if f.is_file()} - before.keys() - {run / ".lock", run / ".resume_config.json"}
+    new = {f for f in run.rglob("*") if f.is_file()} - before.keys() - {run / ".lock"}
     assert all("monitor" in f.parts for f in new), new
 
     # the fix the message names: delete that checkpoint; resume falls back to step 6 and ends equal

@@ -153,7 +153,8 @@ def run_cli(args: list[str], world: int = 1, cwd=None, timeout: int = 900, check
             env: dict | None = None):
     """``zo-deepspeed`` as a user runs it: plain python (world 1) or the deepspeed launcher.
     ``env``: extra environment variables (e.g. ZO_DEEPSPEED_FAULT for the crash tests)."""
-    env = repo_env(OMP_NUM_THREADS="1" if world > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {}))
+    threads = "1" if world > 1 else os.environ.get("OMP_NUM_THREADS", "2")
+    env = repo_env(**{"OMP_NUM_THREADS": threads, **(env or {})})
     if world == 1:
         cmd = [sys.executable, "-m", "zo_deepspeed", *args]
     else:

@@ -69,12 +69,14 @@ def test_fill_auto_environment_fallbacks(monkeypatch):
     assert cfg["zero_optimization"]["zero_hpz_partition_size"] == 4
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == \
         (2, 3, 48)
-    assert fill_auto(shipped_ds("zero3_nvme"), 1, 1, 2)["zero_optimization"]["offload_param"]["nvme_path"] == "/local_nvme"
+    assert fill_auto(shipped_ds("zero3_nvme"), 1, 1, 2)["zero_optimization"]["offload_param"]["nvme_path"] == \
+        "/local_nvme"
     # without trainer settings (batch keys stay "auto"): what zo_deepspeed.initialize needs
     part = fill_placeholders(shipped_ds("zero3_hpz"))
     assert part["zero_optimization"]["zero_hpz_partition_size"] == 4 and part["train_batch_size"] == "auto"
     # explicit arguments win over the environment
-    assert fill_auto(shipped_ds("zero3_hpz"), 1, 1, 8, gpus_per_node=8)["zero_optimization"]["zero_hpz_partition_size"] == 8
+    assert fill_auto(shipped_ds("zero3_hpz"), 1, 1, 8, gpus_per_node=8)["zero_optimization"][
+        "zero_hpz_partition_size"] == 8
     monkeypatch.delenv("LOCAL_SIZE")
     monkeypatch.delenv("ZO_NVME_PATH")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -1,8 +1,9 @@
 """Worker for multi-rank tests: N ZO steps of a saved tiny model under a DeepSpeed config.
 
 Launched by tests/harness.py (launch_ranks) through the real `deepspeed` launcher (gloo CPU
-ranks), and by tests/test_launchers.py and tests/test_slurm.py through launch/. Writes losses, g and the gathered final weights (rank 0) so the test
-can compare them with a single-process run without DeepSpeed.
+ranks), and by tests/test_launchers.py and tests/test_slurm.py through launch/. Writes losses,
+g and the gathered final weights (rank 0) so the test can compare them with a single-process
+run without DeepSpeed.
 """
 import json
 import sys

@@ -63,7 +63,7 @@ def init_single_rank_dist() -> None:
 
 
 def forward_fn(eng_or_module, batch):
-    f = eng_or_module._forward if isinstance(eng_or_module, zd.ZOEngine) else eng_or_module
+    f = eng_or_module.forward if isinstance(eng_or_module, zd.ZOEngine) else eng_or_module
 
     @torch.no_grad()
     def run():

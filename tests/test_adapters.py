@@ -13,15 +13,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import zo_deepspeed as zd
-from conftest import make_batches, run_cli, tiny_llama, tiny_opt
+from harness import (Z3, Z3_T0, compare_steps, read_trajectory, reference_engine, rel_err, replayed, run_cli,
+                     save_batches, scenario, tiny_llama, tiny_opt, worker_result, worker_weights)
 from zo_deepspeed.adapters import AdapterConfig, adapt, adapter_of, prepare
 from zo_deepspeed.partitions import Partitions
 from zo_deepspeed.run_config import load_run_config
 
-Z3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}  # adapter params are persistent
-Z3_T0 = {"train_micro_batch_size_per_gpu": 1,
-         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+# Z3 (default persistence threshold): the adapter parameters are persistent; Z3_T0: partitioned
 LORA = {"mode": "lora", "init_seed": 3}
 PREFIX = {"mode": "prefix", "init_seed": 5}
 
@@ -96,46 +94,32 @@ def test_prefix_init_is_the_real_activations_of_random_tokens(build):
 
 
 # -- 2 ZeRO-3 ranks vs one process, base weights, replay, export -----------------------------------------
-def _reference(model_dir, adapter: dict, zo: dict, batches):
-    """One process, no DeepSpeed, fed the ranks' shards as micro-batches: the same forward shapes, so the same
-    rounding (adapters start at or near 0, so their relative error is g's, which 1/(2 eps) amplifies)."""
-    m = adapt(AutoModelForCausalLM.from_pretrained(model_dir), AdapterConfig(**adapter))
-    eng = zd.initialize(m, None, zd.ZOConfig(**zo))
-    steps = [eng.step([{k: v[i] for k, v in b.items()} for i in torch.tensor_split(torch.arange(len(b["labels"])), 2)])
-             for b in batches]
-    eng.flush()
-    return steps, eng
-
-
 @pytest.mark.dist
 def test_two_zero3_ranks_match_one_process(model_dirs, tmp_path, ranks):
     opt, llama = model_dirs["opt"], model_dirs["llama"]
     bo, bl = tmp_path / "bo.pt", tmp_path / "bl.pt"
-    batches = {str(opt): make_batches(128, n_steps=3), str(llama): make_batches(1000, n_steps=3)}
-    torch.save(batches[str(opt)], bo)
-    torch.save(batches[str(llama)], bl)
+    batches = {str(opt): save_batches(bo, 128, n_steps=3), str(llama): save_batches(bl, 1000, n_steps=3)}
     cases = {  # name: (model, ds_config, adapter, batches file)
         "lora_llama": (llama, Z3, LORA, bl),
         "prefix_llama": (llama, Z3, PREFIX, bl),
         "prefix_opt_t0": (opt, Z3_T0, PREFIX, bo),
     }
-    ranks(2, [dict(name=k, model_dir=str(m), ds_config=ds, adapter=a, zo=_zo(a["mode"]), batches=str(b),
-                   out=str(tmp_path / k)) for k, (m, ds, a, b) in cases.items()], tmp_path, worker="run_adapters.py")
+    ranks(2, [scenario(k, m, ds, _zo(a["mode"]), b, tmp_path, adapter=a) for k, (m, ds, a, b) in cases.items()],
+          tmp_path, worker="run_adapters.py")
 
     for name, (model_dir, _, adapter, _) in cases.items():
         zo = _zo(adapter["mode"])
-        ref_steps, ref = _reference(model_dir, adapter, zo, batches[str(model_dir)])
-        got = json.load(open(tmp_path / f"{name}.json"))
+        # one process, no DeepSpeed, fed the ranks' shards as micro-batches: the same forward shapes, so the
+        # same rounding (adapters start at or near 0, so their relative error is g's, which 1/(2 eps) amplifies)
+        ref_steps, ref = reference_engine(model_dir, zo, batches[str(model_dir)], shards=2, adapter=adapter)
+        got = worker_result(tmp_path / name)
         assert got["kind"] == "zero3" and got["world"] == 2
         trainable = [n for n, _ in ref.parts.params]
         # the ZO state edits exactly the adapter's parameters, each a ZeRO-3 partition
         assert got["edited"] == trainable == got["partitioned"], name
         assert all(_base_name(n, adapter["mode"]) is None for n in trainable)
-        for r, d in zip(ref_steps, got["steps"], strict=True):
-            assert d["loss_plus"] == pytest.approx(r.loss_plus, rel=1e-6), name
-            assert d["loss_minus"] == pytest.approx(r.loss_minus, rel=1e-6), name
-            assert d["g"] == pytest.approx(list(r.g), rel=1e-3, abs=1e-6), name
-        live = load_file(tmp_path / f"{name}.safetensors")
+        compare_steps(got["steps"], ref_steps, rel=1e-6, what=name)
+        live = worker_weights(tmp_path / name)
         ref_w = {n: p.detach() for n, p in ref.module.named_parameters()}
         assert set(live) == set(ref_w)
         orig = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
@@ -146,21 +130,20 @@ def test_two_zero3_ranks_match_one_process(model_dirs, tmp_path, ranks):
                 assert not torch.equal(w, init[n]), f"{name}: {n} did not move"
                 # losses agree to ~1e-8 (fp32 GEMM rounding); g = dL/(2 eps) turns that into ~1e-5 relative,
                 # and an adapter that starts at 0 (LoRA's B) is nothing but sum(lr g z): so 1e-4, not 1e-6
-                assert ((live[n] - w).norm() / w.norm()).item() <= 1e-4, f"{name}: {n}"
+                assert rel_err(live[n], w) <= 1e-4, f"{name}: {n}"
             else:  # base: bit-identical after training, in both runs
                 assert torch.equal(live[n], orig[b].detach()), f"{name}: base {b} changed at 2 ranks"
                 assert torch.equal(w, orig[b].detach()), f"{name}: base {b} changed in one process"
 
         # the 2-rank log replayed in one process on the plain base model: same adapter
-        rep = zd.replay(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / f"{name}.traj.jsonl")
-        rep.flush()
-        assert adapter_of(rep.module).to_dict() == AdapterConfig(**adapter).to_dict()
-        for n, w in rep.module.named_parameters():
+        rep = replayed(model_dir, tmp_path / f"{name}.traj.jsonl")
+        assert adapter_of(rep).to_dict() == AdapterConfig(**adapter).to_dict()
+        for n, w in rep.named_parameters():
             if adapter["mode"] == "lora" or _base_name(n, "prefix") is not None:
                 # base weights; LoRA: init from the seed, same seeds and g, exact (master) restore
                 assert torch.equal(live[n], w.detach()), f"{name}: replay differs in {n}"
             else:  # the prefix init is a forward, here of 1 process instead of 2 ZeRO-3 ranks: fp32 rounding
-                assert ((live[n] - w.detach()).norm() / w.detach().norm()).item() <= 1e-6, f"{name}: {n}"
+                assert rel_err(live[n], w.detach()) <= 1e-6, f"{name}: {n}"
 
         _check_export(tmp_path / f"{name}.export", model_dir, adapter["mode"], ref.module)
 
@@ -201,7 +184,7 @@ def test_cli_train_and_replay(tiny_lm_dir, tmp_path):
     run, out = tmp_path / "run", tmp_path / "replayed"
     run_cli(["train", f"model.path={tiny_lm_dir}", *ARGS, f"adapter.mode={mode}", "adapter.init_seed=2",
              f"train.output_dir={run}"])
-    header = json.loads((run / "trajectory.jsonl").read_text().splitlines()[0])
+    header, _ = read_trajectory(run / "trajectory.jsonl")
     assert header["adapter"]["mode"] == mode and header["adapter"]["init_seed"] == 2
     rec = AdapterConfig(mode=mode).zo_defaults()
     assert (header["zo"]["lr"], header["zo"]["eps"]) == (rec["lr"], rec["eps"])  # MeZO's defaults for the mode

@@ -5,24 +5,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from conftest import run_cli
+from harness import hf_weights, read_metrics, read_trajectory, run_cli
 
 pytestmark = pytest.mark.dist
 
 ARGS = ["data.num_train=32", "data.num_dev=8", "data.num_test=16", "data.max_length=64", "train.batch_size=4",
         "train.eval_batch_size=8", "zo.lr=1e-3", "zo.eps=1e-3", "zo.weight_decay=0.01", "model.dtype=float32"]
-
-
-def _weights(folder):
-    m = AutoModelForCausalLM.from_pretrained(folder)
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_cli_two_ranks_zero3_matches_one_process_and_resumes(tiny_lm_dir, tmp_path):
@@ -38,32 +27,32 @@ def test_cli_two_ranks_zero3_matches_one_process_and_resumes(tiny_lm_dir, tmp_pa
         assert (two / f).exists(), f
     cfg = json.loads((two / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["resolved_ds_config"]["zero_optimization"]["stage"] == 3
-    traj = (two / "trajectory.jsonl").read_text().splitlines()
-    assert len(traj) == 1 + 4 and len(json.loads(traj[1])["example_ids"]) == 4
+    _, traj = read_trajectory(two / "trajectory.jsonl")  # whole: a header and one line per record
+    assert len(traj) == 4 and len(traj[0].example_ids) == 4
 
     # ZeRO-3 at 2 ranks == one process: losses, eval accuracy and the exported weights
-    m1, m2 = _metrics(one), _metrics(two)
+    m1, m2 = read_metrics(one), read_metrics(two)
     l1 = [r["loss"] for r in m1 if "loss" in r]
     l2 = [r["loss"] for r in m2 if "loss" in r]
     assert l2 == pytest.approx(l1, rel=1e-6)
     acc = lambda ms: [(r["step"], r[k]) for r in ms for k in r if k.endswith("/accuracy")]  # noqa: E731
     assert acc(m1) == acc(m2) and len(acc(m1)) == 3  # zero-shot, dev at step 2, final test
-    w1, w2 = _weights(one / "export"), _weights(two / "export")
+    w1, w2 = hf_weights(one / "export"), hf_weights(two / "export")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-6), k
 
     # the HF export reloads to the weights the ranks held (checkpoint partitions, gathered)
-    base = _weights(tiny_lm_dir)
+    base = hf_weights(tiny_lm_dir)
     assert any(not torch.equal(base[k], w2[k]) for k in base)  # training changed something
 
     # resume: stop after 2 steps, continue to 4 -> the same weights as the uninterrupted run
     res = tmp_path / "res"
     run_cli(["train", *common, "train.steps=2", f"train.output_dir={res}"], world=2)
     run_cli(["train", "--resume", f"train.output_dir={res}", "train.steps=4"], world=2)
-    w3 = _weights(res / "export")
+    w3 = hf_weights(res / "export")
     for k in w2:
         assert torch.equal(w2[k], w3[k]), k
-    assert len((res / "trajectory.jsonl").read_text().splitlines()) == 1 + 4
+    assert len(read_trajectory(res / "trajectory.jsonl")[1]) == 4
 
 
 def test_cli_replay_export_and_plot(tiny_lm_dir, tmp_path):
@@ -72,12 +61,12 @@ def test_cli_replay_export_and_plot(tiny_lm_dir, tmp_path):
              "train.zero_shot_eval=false"])
     out = tmp_path / "replayed"
     run_cli(["replay", "--model", str(tiny_lm_dir), "--log", str(run / "trajectory.jsonl"), "--out", str(out)])
-    live, rep = _weights(run / "export"), _weights(out)
+    live, rep = hf_weights(run / "export"), hf_weights(out)
     for k in live:
         assert torch.allclose(live[k], rep[k], rtol=1e-6, atol=1e-7), k
     exp = tmp_path / "exported"
     run_cli(["export", "--run-dir", str(run), "--out", str(exp)])
-    for k, v in _weights(exp).items():
+    for k, v in hf_weights(exp).items():
         assert torch.equal(v, live[k]), k
     p = run_cli(["plot", "--run-dir", str(run)])
     png = run / "curves.png"

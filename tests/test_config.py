@@ -286,7 +286,7 @@ def test_saved_config_ignores_exactly_the_trainers_additions(tmp_path, capsys):
 
 # -- --help: every key documented ----------------------------------------------------------------------
 def test_help_shows_every_key_with_default_and_docstring():
-    from conftest import run_cli
+    from harness import run_cli
 
     from zo_deepspeed.run_config import SECTIONS, RunConfig
     from zo_deepspeed.typed import field_docs
@@ -306,7 +306,7 @@ def test_help_shows_every_key_with_default_and_docstring():
 
 
 def test_cli_refuses_a_fractional_step_count_in_one_line(tmp_path):
-    from conftest import run_cli
+    from harness import run_cli
 
     (tmp_path / "run.yaml").write_text("train:\n  steps: 2.6\n")
     p = run_cli(["train", "--config", str(tmp_path / "run.yaml"), f"train.output_dir={tmp_path / 'run'}"],

@@ -12,30 +12,20 @@
 """
 from __future__ import annotations
 
-import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from harness import (REPO, ZO_EAGER, compare, compare_steps, filled_ds, reference, save_batches, scenario, shipped_ds,
+                     tiny_llama, worker_result, z3)
 from zo_deepspeed.ds_config import (OFFLOAD_PARAM_KEYS, REMOVED_TOP_LEVEL_KEYS, TOP_LEVEL_KEYS, ZERO_KEYS,
                                     fill_auto, fill_placeholders, load_ds_config, validate_ds_config)
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
 # run here on 2 CPU ranks / run in tests/test_slurm.py (2 nodes x 2 ranks)
 RUN_HERE = [n for n in SHIPPED if "hpz" not in n] + ["zero3_hpz_bf16"]  # hpZ last: its groups outlive it
 RUN_IN_SLURM_TEST = ["zero3_hpz"]
-
-
-def shipped(name: str) -> dict:
-    return load_ds_config(REPO / "ds_configs" / f"{name}.json")
-
-
-def filled(name: str, world: int = 2, gpus_per_node: int = 2, nvme_path: str = "/nvme/zo") -> dict:
-    return fill_auto(shipped(name), micro_batch=1, grad_accum=1, world_size=world, gpus_per_node=gpus_per_node,
-                     nvme_path=nvme_path)
 
 
 # -- the shipped files ---------------------------------------------------------------------------
@@ -51,7 +41,7 @@ def test_shipped_set_is_complete_and_accounted_for():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_is_valid(name):
-    raw = shipped(name)
+    raw = shipped_ds(name)
     assert "optimizer" not in raw and "scheduler" not in raw
     zero = raw["zero_optimization"]
     if zero["stage"] == 3:
@@ -60,14 +50,14 @@ def test_shipped_config_is_valid(name):
         assert raw[k] == "auto", f"{k} should be filled from the trainer's config"
     validate_ds_config(raw, world_size=16, gpus_per_node=8)  # before filling
     for world, gpn in ((2, 2), (16, 8)):
-        cfg = filled(name, world, gpn)
+        cfg = filled_ds(name, world, gpn)
         validate_ds_config(cfg, world_size=world, gpus_per_node=gpn)
         assert cfg["train_batch_size"] == world
         assert "auto" not in json.dumps(cfg)
     if "hpz" in name:
-        assert filled(name, 16, 8)["zero_optimization"]["zero_hpz_partition_size"] == 8
+        assert filled_ds(name, 16, 8)["zero_optimization"]["zero_hpz_partition_size"] == 8
     if "nvme" in name:
-        assert filled(name)["zero_optimization"]["offload_param"]["nvme_path"] == "/nvme/zo"
+        assert filled_ds(name)["zero_optimization"]["offload_param"]["nvme_path"] == "/nvme/zo"
     assert raw.get("bf16", {}).get("enabled", False) == ("bf16" in name)
     assert raw.get("fp16", {}).get("enabled", False) == ("fp16" in name)
 
@@ -75,23 +65,25 @@ def test_shipped_config_is_valid(name):
 def test_fill_auto_environment_fallbacks(monkeypatch):
     monkeypatch.setenv("LOCAL_SIZE", "4")
     monkeypatch.setenv("ZO_NVME_PATH", "/local_nvme")
-    cfg = fill_auto(shipped("zero3_hpz"), 2, 3, 8)
+    cfg = fill_auto(shipped_ds("zero3_hpz"), 2, 3, 8)
     assert cfg["zero_optimization"]["zero_hpz_partition_size"] == 4
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == \
         (2, 3, 48)
-    assert fill_auto(shipped("zero3_nvme"), 1, 1, 2)["zero_optimization"]["offload_param"]["nvme_path"] == "/local_nvme"
+    assert fill_auto(shipped_ds("zero3_nvme"), 1, 1, 2)["zero_optimization"]["offload_param"]["nvme_path"] == \
+        "/local_nvme"
     # without trainer settings (batch keys stay "auto"): what zo_deepspeed.initialize needs
-    part = fill_placeholders(shipped("zero3_hpz"))
+    part = fill_placeholders(shipped_ds("zero3_hpz"))
     assert part["zero_optimization"]["zero_hpz_partition_size"] == 4 and part["train_batch_size"] == "auto"
     # explicit arguments win over the environment
-    assert fill_auto(shipped("zero3_hpz"), 1, 1, 8, gpus_per_node=8)["zero_optimization"]["zero_hpz_partition_size"] == 8
+    assert fill_auto(shipped_ds("zero3_hpz"), 1, 1, 8, gpus_per_node=8)["zero_optimization"][
+        "zero_hpz_partition_size"] == 8
     monkeypatch.delenv("LOCAL_SIZE")
     monkeypatch.delenv("ZO_NVME_PATH")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="zero_hpz_partition_size is \"auto\" but GPUs per node are unknown"):
-        fill_auto(shipped("zero3_hpz"), 1, 1, 8)
+        fill_auto(shipped_ds("zero3_hpz"), 1, 1, 8)
     with pytest.raises(ValueError, match="nvme_path is \"auto\": set ZO_NVME_PATH"):
-        fill_auto(shipped("zero3_nvme"), 1, 1, 2)
+        fill_auto(shipped_ds("zero3_nvme"), 1, 1, 2)
 
 
 def test_default_configs_elsewhere_in_the_repo_validate():
@@ -154,46 +146,42 @@ def test_key_lists_match_installed_deepspeed():
 
 # -- one clear line per mistake --------------------------------------------------------------------
 
-def _z3(**zero):
-    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, **zero}}
-
-
 BAD = [
-    ("optimizer", dict(_z3(), optimizer={"type": "AdamW", "params": {"lr": 1e-5}}), 2, None,
+    ("optimizer", dict(z3(), optimizer={"type": "AdamW", "params": {"lr": 1e-5}}), 2, None,
      "'optimizer' block: zeroth-order training uses none; delete the block"),
-    ("scheduler", dict(_z3(), scheduler={"type": "WarmupLR"}), 2, None, "'scheduler' block"),
+    ("scheduler", dict(z3(), scheduler={"type": "WarmupLR"}), 2, None, "'scheduler' block"),
     ("typo_top", {"zero_optimisation": {"stage": 3}}, 2, None,
      "unknown ds_config key 'zero_optimisation': did you mean 'zero_optimization'?"),
-    ("unknown_top", dict(_z3(), my_setting=1), 2, None, "unknown ds_config key 'my_setting'"),
-    ("removed_top", dict(_z3(), elasticity={"enabled": True}), 2, None, "'elasticity' was removed from DeepSpeed"),
-    ("typo_zero", _z3(stage3_param_persistance_threshold=0), 2, None,
+    ("unknown_top", dict(z3(), my_setting=1), 2, None, "unknown ds_config key 'my_setting'"),
+    ("removed_top", dict(z3(), elasticity={"enabled": True}), 2, None, "'elasticity' was removed from DeepSpeed"),
+    ("typo_zero", z3(stage3_param_persistance_threshold=0), 2, None,
      "zero_optimization.stage3_param_persistance_threshold: did you mean 'stage3_param_persistence_threshold'?"),
-    ("alias_twice", _z3(stage3_param_persistence_threshold=0, param_persistence_threshold=10), 2, None,
+    ("alias_twice", z3(stage3_param_persistence_threshold=0, param_persistence_threshold=10), 2, None,
      "sets both 'param_persistence_threshold' and its alias 'stage3_param_persistence_threshold'"),
-    ("deprecated", _z3(cpu_offload_param=True), 2, None,
+    ("deprecated", z3(cpu_offload_param=True), 2, None,
      "zero_optimization.cpu_offload_param is deprecated; use zero_optimization.offload_param"),
-    ("typo_offload", _z3(offload_param={"device": "cpu", "pin_memry": True}), 2, None,
+    ("typo_offload", z3(offload_param={"device": "cpu", "pin_memry": True}), 2, None,
      "offload_param.pin_memry: did you mean 'pin_memory'?"),
     ("stage1", {"zero_optimization": {"stage": 1}}, 2, None, "zero_optimization.stage=1 partitions optimizer state"),
     ("stage2", {"zero_optimization": {"stage": 2}}, 2, None, "zero_optimization.stage=2 partitions optimizer state"),
     ("stage_str", {"zero_optimization": {"stage": "3"}}, 2, None, "zero_optimization.stage='3' must be the integer"),
-    ("quantized", _z3(zero_quantized_weights=True), 2, None,
+    ("quantized", z3(zero_quantized_weights=True), 2, None,
      "zero_optimization.zero_quantized_weights quantizes each gathered weight to int8"),
-    ("offload_optimizer", _z3(offload_optimizer={"device": "cpu"}), 2, None,
+    ("offload_optimizer", z3(offload_optimizer={"device": "cpu"}), 2, None,
      "zero_optimization.offload_optimizer: ZO training has no optimizer state"),
     ("offload_stage0", {"zero_optimization": {"stage": 0, "offload_param": {"device": "cpu"}}}, 2, None,
      "offload_param.device='cpu' needs zero_optimization.stage=3"),
-    ("nvme_no_path", _z3(offload_param={"device": "nvme"}), 2, None,
+    ("nvme_no_path", z3(offload_param={"device": "nvme"}), 2, None,
      "offload_param.device=nvme needs offload_param.nvme_path"),
-    ("hpz_world", _z3(zero_hpz_partition_size=3), 4, None,
+    ("hpz_world", z3(zero_hpz_partition_size=3), 4, None,
      "zero_hpz_partition_size=3 does not divide the world size 4"),
-    ("hpz_node", _z3(zero_hpz_partition_size=4), 16, 8, None),  # 4 divides 8: fine
-    ("hpz_straddle", _z3(zero_hpz_partition_size=6), 24, 8, "does not fit 8 GPUs per node"),
+    ("hpz_node", z3(zero_hpz_partition_size=4), 16, 8, None),  # 4 divides 8: fine
+    ("hpz_straddle", z3(zero_hpz_partition_size=6), 24, 8, "does not fit 8 GPUs per node"),
     ("hpz_stage0", {"zero_optimization": {"stage": 0, "zero_hpz_partition_size": 2}}, 2, None,
      "zero_hpz_partition_size=2 needs zero_optimization.stage=3"),
-    ("hpz_nvme", _z3(zero_hpz_partition_size=2, offload_param={"device": "nvme", "nvme_path": "/x"}), 2, None,
+    ("hpz_nvme", z3(zero_hpz_partition_size=2, offload_param={"device": "nvme", "nvme_path": "/x"}), 2, None,
      "zero_hpz_partition_size > 1 with offload_param.device=nvme"),
-    ("both_half", dict(_z3(), fp16={"enabled": True}, bf16={"enabled": True}), 2, None,
+    ("both_half", dict(z3(), fp16={"enabled": True}, bf16={"enabled": True}), 2, None,
      "enables both fp16 and bf16; keep one"),
     ("batch", {"train_batch_size": 10, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
                "zero_optimization": {"stage": 3}}, 2, None,
@@ -202,9 +190,9 @@ BAD = [
      2, None, "train_batch_size=6 is not a multiple of train_micro_batch_size_per_gpu=4 x world size 2"),
     ("batch_zero", {"train_micro_batch_size_per_gpu": 0, "zero_optimization": {"stage": 3}}, 2, None,
      "train_micro_batch_size_per_gpu=0 must be a positive integer"),
-    ("other_auto", dict(_z3(), gradient_clipping="auto"), 2, None,
+    ("other_auto", dict(z3(), gradient_clipping="auto"), 2, None,
      "gradient_clipping is \"auto\", which zo_deepspeed does not fill"),
-    ("nested_auto", _z3(stage3_prefetch_bucket_size="auto"), 2, None,
+    ("nested_auto", z3(stage3_prefetch_bucket_size="auto"), 2, None,
      "zero_optimization.stage3_prefetch_bucket_size is \"auto\""),
 ]
 
@@ -222,13 +210,13 @@ def test_bad_config_one_line_error(case, cfg, world, gpn, needle):
 
 
 def test_fill_auto_refuses_values_that_contradict_the_trainer():
-    cfg = dict(_z3(), train_micro_batch_size_per_gpu=4)
+    cfg = dict(z3(), train_micro_batch_size_per_gpu=4)
     with pytest.raises(ValueError, match=r"train_micro_batch_size_per_gpu=4 but the trainer's micro batch is 2; "
                                          r"set train_micro_batch_size_per_gpu to \"auto\""):
         fill_auto(cfg, micro_batch=2, grad_accum=1, world_size=2)
-    ok = fill_auto(dict(_z3(), train_micro_batch_size_per_gpu=2), micro_batch=2, grad_accum=3, world_size=2)
+    ok = fill_auto(dict(z3(), train_micro_batch_size_per_gpu=2), micro_batch=2, grad_accum=3, world_size=2)
     assert (ok["gradient_accumulation_steps"], ok["train_batch_size"]) == (3, 12)
-    original = _z3()
+    original = z3()
     fill_auto(original, 1, 1, 2)
     assert "train_batch_size" not in original  # not modified in place
 
@@ -256,72 +244,38 @@ def test_load_errors(tmp_path):
 
 # -- every shipped file runs -------------------------------------------------------------------
 
-# The eager kernel (compile=False) computes the same integer z stream as the compiled one. Here it is
-# the cheaper choice: every scenario of a launch builds a new engine, and each would pay torch.compile's
-# tracing again, while the tiny partitions cost the eager kernel little.
-ZO = {"lr": 1e-4, "eps": 1e-3, "weight_decay": 0.1, "compile": False}
-
-
-def reference_1t(*args, **kw):
-    """tests/test_distributed.py's single-process reference, on one thread: the eager kernel's many small
-    ops slow down by 10x on a shared 2-core machine when they try to use both cores."""
-    from test_distributed import reference
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return reference(*args, **kw)
-    finally:
-        torch.set_num_threads(n)
-
-
 def dtype_of(name: str) -> str:
     return "bfloat16" if "bf16" in name else ("float16" if "fp16" in name else "float32")
 
 
-def swappable_llama(path: Path) -> None:
-    """Tiny Llama whose tied embedding (8192 x 128) gives 1 MiB+ partitions at 2 ranks in fp32 and bf16,
-    so NVMe offload really swaps it (smaller partitions stay in host memory)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-
-
 @pytest.mark.dist
 def test_shipped_configs_run_on_two_ranks(tmp_path, ranks):
-    from conftest import make_batches
-    from test_distributed import compare, scenario
-
+    # a tiny Llama whose tied embedding (8192 x 128) gives 1 MiB+ partitions at 2 ranks in fp32 and bf16,
+    # so NVMe offload really swaps it (smaller partitions stay in host memory)
     model = tmp_path / "llama"
-    swappable_llama(model)
-    batches = make_batches(8192, n_steps=2, batch=4)
-    torch.save(batches, tmp_path / "b.pt")
+    tiny_llama(save_to=model, vocab_size=8192, hidden_size=128, intermediate_size=256)
+    batches = save_batches(tmp_path / "b.pt", 8192, n_steps=2, batch=4)
     scs = []
     for name in RUN_HERE:
-        cfg = filled(name, nvme_path=str(tmp_path / "nvme"))
+        cfg = filled_ds(name, nvme_path=str(tmp_path / "nvme"))
         if "nvme" in name:
             # the shipped 5 x 1e8-element swap buffers are sized for real models
             cfg["zero_optimization"]["offload_param"].update(buffer_count=4, buffer_size=2_000_000)
         validate_ds_config(cfg, world_size=2)
-        scs.append(scenario(name, model, cfg, ZO, tmp_path / "b.pt", tmp_path, dtype=dtype_of(name)))
+        scs.append(scenario(name, model, cfg, ZO_EAGER, tmp_path / "b.pt", tmp_path, dtype=dtype_of(name)))
     ranks(2, scs, tmp_path)
 
-    refs = {"float32": reference_1t(model, ZO, batches)}
+    # one torch thread: see harness.reference_engine
+    refs = {"float32": reference(model, ZO_EAGER, batches, threads=1)}
     for dt in ("bfloat16", "float16"):  # 16-bit: same forward shapes as the ranks (shards), losses to rounding
-        refs[dt] = reference_1t(model, ZO, batches, dtype=getattr(torch, dt), shards=2)
+        refs[dt] = reference(model, ZO_EAGER, batches, dtype=getattr(torch, dt), shards=2, threads=1)
     for name in RUN_HERE:
         dt = dtype_of(name)
         if dt == "float32":
             got = compare(tmp_path / name, *refs[dt])
         else:
-            got = json.load(open(tmp_path / f"{name}.json"))
-            for r, d in zip(refs[dt][0], got["steps"], strict=True):
-                assert d["loss_plus"] == pytest.approx(r.loss_plus, rel=1e-3), name
-                assert d["loss_minus"] == pytest.approx(r.loss_minus, rel=1e-3), name
+            got = worker_result(tmp_path / name)
+            compare_steps(got["steps"], refs[dt][0], rel=1e-3, g=False, what=name)
             assert got["base_bytes"] > 0  # 16-bit partitions get an exact-restore copy (zo.restore=auto)
         kind = {"zero0": "replica"}.get(name.split("_")[0], "zero3-hpz" if "hpz" in name else "zero3")
         assert got["kind"].startswith(kind), (name, got["kind"])

@@ -105,7 +105,7 @@ def test_n_spsa_averages_q_directions():
 
 
 def test_gradient_accumulation_uses_the_same_z_for_every_micro_batch():
-    from conftest import make_batches, tiny_opt
+    from harness import make_batches, tiny_opt
 
     b = make_batches(128, n_steps=1, batch=4)[0]
     halves = [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
@@ -149,7 +149,7 @@ def test_g_clipping():
 
 
 def test_library_never_touches_the_global_rng():
-    from conftest import make_batches, tiny_opt
+    from harness import make_batches, tiny_opt
 
     m = tiny_opt()
     b = make_batches(128, n_steps=1)[0]

@@ -18,9 +18,8 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import run_cli
+from harness import read_checkpoint, read_export, read_trajectory, run_cli, tail
 
 pytestmark = pytest.mark.dist
 
@@ -46,7 +45,7 @@ def _train(run, world=1, fault=None, model=None, extra=()):
 
 
 def _ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, f"exit {p.returncode}:\n{tail(p, 3000)}"
 
 
 def _killed(p, world):
@@ -81,17 +80,8 @@ def _draw(seed: int, n: int) -> list[tuple[str, int]]:
 
 
 def _log(run) -> list[str]:
+    """The log's lines as written (compared bitwise; a crash may leave a torn last one)."""
     return (run / "trajectory.jsonl").read_text().splitlines()
-
-
-def _export(run) -> dict:
-    return load_file(str(run / "export" / "model.safetensors"))
-
-
-def _ckpt(run) -> dict:
-    """The latest checkpoint's tensors, every rank's file."""
-    ck = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    return {(f.name, k): v for f in sorted(ck.glob("rank*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def _equal(a: dict, b: dict, what: str):
@@ -165,9 +155,9 @@ def test_kill_anywhere_resume_is_bitwise_one_process(tiny_lm_dir, ref1, tmp_path
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("zo-deepspeed train: error:")]
     assert p.returncode == 2 and len(err) == 1 and "sha256" in err[0] and shard.name in err[0], p.stderr[-2000:]
     # neither refusal rewrote anything (log not truncated, no checkpoint, no export); new files only
-    # where every start writes them (the resume config, DeepSpeed's monitor event files)
+    # where every start writes them (DeepSpeed's monitor event files)
     assert all(f.read_bytes() == b for f, b in before.items() if f != shard)
-    new = {f for f in run.rglob("*") if f.is_file()} - before.keys() - {run / ".lock", run / ".resume_config.json"}
+    new = {f for f in run.rglob("*") if f.is_file()} - before.keys() - {run / ".lock"}
     assert all("monitor" in f.parts for f in new), new
 
     # the fix the message names: delete that checkpoint; resume falls back to step 6 and ends equal
@@ -176,8 +166,8 @@ def test_kill_anywhere_resume_is_bitwise_one_process(tiny_lm_dir, ref1, tmp_path
     _ok(p)
     assert "loaded step_00000006" in p.stdout
     assert _log(run) == _log(ref1), points
-    _equal(_export(run), _export(ref1), f"export after kills at {points}")
-    _equal(_ckpt(run), _ckpt(ref1), f"final checkpoint after kills at {points}")
+    _equal(read_export(run), read_export(ref1), f"export after kills at {points}")
+    _equal(read_checkpoint(run), read_checkpoint(ref1), f"final checkpoint after kills at {points}")
 
 
 def test_kill_anywhere_two_ranks_bitwise_and_at_one_process(tiny_lm_dir, ref1, ref2, tmp_path):
@@ -188,8 +178,8 @@ def test_kill_anywhere_two_ranks_bitwise_and_at_one_process(tiny_lm_dir, ref1, r
     shutil.copytree(run, other)
     _ok(_train(run, 2))
     assert _log(run) == _log(ref2), points
-    _equal(_export(run), _export(ref2), f"W=2 export after kills at {points}")
-    _equal(_ckpt(run), _ckpt(ref2), f"W=2 final checkpoint after kills at {points}")
+    _equal(read_export(run), read_export(ref2), f"W=2 export after kills at {points}")
+    _equal(read_checkpoint(run), read_checkpoint(ref2), f"W=2 final checkpoint after kills at {points}")
 
     # W=2 checkpoint, W=1 resume: the weights are rebuilt by replaying the log. Other shards, other fp32
     # rounding of the losses (~1e-7); g = dL/2eps turns that into ~1e-4 in g and ~1e-7 per weight per step
@@ -198,13 +188,12 @@ def test_kill_anywhere_two_ranks_bitwise_and_at_one_process(tiny_lm_dir, ref1, r
     p = _train(other, 1)
     _ok(p)
     assert ("replayed" in p.stdout) == had_ckpt, p.stdout[-2000:]
-    w1, w2, w0 = _export(other), _export(ref2), _export(ref1)
+    w1, w2, w0 = read_export(other), read_export(ref2), read_export(ref1)
     for k in w2:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-5) and torch.allclose(w1[k], w0[k], rtol=0, atol=1e-5), k
-    a, b = [json.loads(x) for x in _log(other)[1:]], [json.loads(x) for x in _log(ref2)[1:]]
-    assert [(r["step"], r["seeds"], r["example_ids"]) for r in a] == [(r["step"], r["seeds"], r["example_ids"])
-                                                                      for r in b]
-    assert [r["g"][0] for r in a] == pytest.approx([r["g"][0] for r in b], rel=1e-3, abs=1e-3)
+    (_, a), (_, b) = read_trajectory(other / "trajectory.jsonl"), read_trajectory(ref2 / "trajectory.jsonl")
+    assert [(r.step, r.seeds, r.example_ids) for r in a] == [(r.step, r.seeds, r.example_ids) for r in b]
+    assert [r.g[0] for r in a] == pytest.approx([r.g[0] for r in b], rel=1e-3, abs=1e-3)
 
 
 def test_nan_or_inf_on_one_rank_skips_the_step_everywhere_then_stops(tiny_lm_dir, tmp_path):
@@ -220,15 +209,15 @@ def test_nan_or_inf_on_one_rank_skips_the_step_everywhere_then_stops(tiny_lm_dir
     assert "step 2 skipped on every rank" in out and "step 4 skipped on every rank" in out, out[-3000:]
     err = [ln for ln in p.stderr.splitlines() if "zo-deepspeed train: error:" in ln]
     assert err and all("3 consecutive steps had a non-finite loss (last: step 6)" in e for e in err), out[-3000:]
-    recs = [json.loads(x) for x in _log(run)[1:]]
-    assert [r["skipped"] for r in recs] == [False, False, True, False, True, True]  # step 6 raised
-    assert all(r["g"] == [0.0] for r in recs if r["skipped"])
+    _, recs = read_trajectory(run / "trajectory.jsonl")
+    assert [r.skipped for r in recs] == [False, False, True, False, True, True]  # step 6 raised
+    assert all(r.g == (0.0,) for r in recs if r.skipped)
     assert not (run / "export").exists()
 
     def ck(n):
         d = run / "checkpoints" / f"step_{n:08d}"
         assert (d / "state.json").exists(), f"{d.name} missing"  # an empty dict would compare equal
-        return {(f.name, k): v for f in sorted(d.glob("rank*")) for k, v in load_file(str(f)).items()}
+        return read_checkpoint(run, d.name)
 
     _equal(ck(2), ck(3), "weights across the skipped step 2")  # both ranks' partitions and fp32 masters
     assert any(not torch.equal(ck(3)[k], ck(4)[k]) for k in ck(3)), "step 3 (finite) must update"

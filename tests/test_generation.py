@@ -2,14 +2,13 @@
 one process, and the evaluation equals plain HF greedy decoding scored by hand."""
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli, write_jsonl
+from harness import read_metrics, run_cli, tiny_llama, write_jsonl
 from zo_deepspeed.tasks import generate_answers, get_task, normalize_answer, squad_f1
 
 pytestmark = pytest.mark.dist
@@ -39,13 +38,8 @@ def _rows(n: int, seed: int, tok) -> list[dict]:
 def gen_lm_dir(tiny_lm_dir, tmp_path_factory):
     """conftest's tiny Llama with larger random weights (init std 0.2): at the default 0.02 its greedy
     decoding collapses to one punctuation token, which SQuAD normalization strips to nothing."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig.from_pretrained(tiny_lm_dir)
-    cfg.initializer_range = 0.2
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("gen_lm")
-    LlamaForCausalLM(cfg).save_pretrained(root)
+    tiny_llama(like=tiny_lm_dir, initializer_range=0.2, save_to=root)
     AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(root)
     return root
 
@@ -76,10 +70,6 @@ ARGS = ["data.task=squad", "data.num_train=8", "data.num_dev=4", "data.num_test=
         "train.batch_size=4", "train.eval_batch_size=8", "model.dtype=float32", "train.export=false"]
 
 
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_generation_eval_and_f1_objective_two_ranks_match_one_process(gen_lm_dir, squad_dir, tmp_path):
     common = [f"model.path={gen_lm_dir}", f"data.data_dir={squad_dir}", *ARGS]
     # -F1 objective: eps large enough that the perturbed generations differ, so g is not always 0
@@ -87,7 +77,7 @@ def test_generation_eval_and_f1_objective_two_ranks_match_one_process(gen_lm_dir
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(["train", *common, *train, f"train.output_dir={one}"])
     run_cli(["train", *common, *train, f"train.output_dir={two}"], world=2)
-    m1, m2 = _metrics(one), _metrics(two)
+    m1, m2 = read_metrics(one), read_metrics(two)
 
     # F1 by hand: plain HF greedy decoding of the base model on the test file, scored with squad_f1
     tok = AutoTokenizer.from_pretrained(gen_lm_dir)

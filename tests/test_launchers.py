@@ -8,7 +8,6 @@ real in tests/test_slurm.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -18,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import _free_port, make_batches
+from harness import (DIST, REPO, ZO_EAGER, compare, filled_ds, free_port, read_trajectory, reference, repo_env,
+                     save_batches, scenario, tail, worker_weights, write_spec)
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
-RUN_ZO = str(REPO / "tests/dist/run_zo.py")
+RUN_ZO = str(DIST / "run_zo.py")
 
 
 def _shellcheck() -> str:
@@ -131,25 +129,19 @@ def test_accelerate_dry_run_and_config():
 
 # -- real runs ---------------------------------------------------------------------------------
 
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
+def _records(path: Path) -> list:
+    return read_trajectory(path)[1]
 
 
 @pytest.mark.dist
 def test_single_node_script_torchrun_and_accelerate_agree(model_dirs, tmp_path):
-    from test_distributed import compare, scenario
-    from test_ds_configs import ZO, reference_1t
-
-    from zo_deepspeed.ds_config import fill_auto, load_ds_config, validate_ds_config
+    from zo_deepspeed.ds_config import validate_ds_config
 
     llama = model_dirs["llama"]
-    batches = make_batches(1000, n_steps=3)
-    torch.save(batches, tmp_path / "b.pt")
-    ds = fill_auto(load_ds_config(REPO / "ds_configs/zero3.json"), micro_batch=3, grad_accum=1, world_size=2)
+    batches = save_batches(tmp_path / "b.pt", 1000, n_steps=3)
+    ds = filled_ds("zero3", micro_batch=3)
     validate_ds_config(ds, world_size=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = repo_env(OMP_NUM_THREADS="1")
     runs = {
         "deepspeed": ["bash", str(LAUNCH / "single_node.sh")],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -157,24 +149,24 @@ def test_single_node_script_torchrun_and_accelerate_agree(model_dirs, tmp_path):
         "accelerate": ["bash", str(LAUNCH / "accelerate.sh")],
     }
     for name, cmd in runs.items():
-        spec = tmp_path / f"{name}.spec.json"
-        spec.write_text(json.dumps({"scenarios": [scenario(name, llama, ds, ZO, tmp_path / "b.pt", tmp_path)]}))
-        port = str(_free_port())
+        spec = write_spec(tmp_path / f"{name}.spec.json",
+                          [scenario(name, llama, ds, ZO_EAGER, tmp_path / "b.pt", tmp_path)])
+        port = str(free_port())
         cmd = [c.replace("{port}", port) for c in cmd] + ["--spec", str(spec)]
         p = subprocess.run(cmd, env=dict(env, GPUS="2", MASTER_PORT=port, ENTRY=RUN_ZO), cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, f"{name}: {p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+        assert p.returncode == 0, f"{name}: {tail(p, 4000)}"
         if name != "torchrun":
             assert p.stdout.startswith("+ "), p.stdout[:200]  # the script printed its command
 
-    ref = reference_1t(llama, ZO, batches)
+    ref = reference(llama, ZO_EAGER, batches, threads=1)  # one torch thread: see harness.reference_engine
     base = _records(tmp_path / "deepspeed.traj.jsonl")
     assert len(base) == 3
-    w = load_file(tmp_path / "deepspeed.safetensors")
+    w = worker_weights(tmp_path / "deepspeed")
     for name in runs:
         got = compare(tmp_path / name, *ref)
         assert got["world"] == 2 and got["kind"] == "zero3"
         # the same trajectory, record for record, and the same weights, bit for bit
         assert _records(tmp_path / f"{name}.traj.jsonl") == base, name
-        for k, v in load_file(tmp_path / f"{name}.safetensors").items():
+        for k, v in worker_weights(tmp_path / name).items():
             assert torch.equal(v, w[k]), (name, k)

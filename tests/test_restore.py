@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import zo_deepspeed as zd
-from conftest import make_batches, tiny_llama
+from harness import make_batches, tiny_llama
 
 
 def _weights(m):
@@ -30,7 +30,7 @@ def test_bf16_drift_with_zero_lr(mode):
 
 def test_bf16_backup_rounds_small_updates_stochastically():
     """An update far below half a bf16 ulp is lost by round-to-nearest but kept on average by backup."""
-    from zo_deepspeed.fused import Term, apply
+    from zo_deepspeed.fused import apply
     from zo_deepspeed.rng import stream_key
 
     n = 200_000

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import _free_port, make_batches, run_cli
+from harness import (DIST, REPO, ZO_EAGER, compare, filled_ds, free_port, hf_weights, read_trajectory, reference,
+                     rel_err, repo_env, replayed, run_cli, save_batches, scenario, write_spec)
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO.parent / "shared" / "slurm" / "local-cluster.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
 
@@ -63,9 +62,8 @@ def slurm():
 
 
 def submit(args: list[str], out: Path, **env) -> str:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    e.update(OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()),
-             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    e = {k: v for k, v in repo_env(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), **env).items()
+         if not k.startswith("SLURM_")}
     p = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", f"--output={out}", str(SBATCH), *args],
                        env=e, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -109,17 +107,8 @@ ARGS = ["data.num_train=32", "data.num_dev=8", "data.num_test=16", "data.max_len
         "model.dtype=float32", "train.zero_shot_eval=false", "train.steps=12"]
 
 
-def _weights(folder):
-    m = AutoModelForCausalLM.from_pretrained(folder)
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
-
-
 def test_zero3_two_nodes_preempted_requeued_matches_one_process(slurm, tiny_lm_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the single-process reference: see test_ds_configs.reference_1t
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the single-process reference: see harness.reference_engine
     # options before the dotted overrides: argparse does not resume positionals after an option
     common = ["--ds-config", str(REPO / "ds_configs/zero3.json"), f"model.path={tiny_lm_dir}", *ARGS]
     one, two, out = tmp_path / "one", tmp_path / "two", tmp_path / "job.out"
@@ -148,59 +137,50 @@ def test_zero3_two_nodes_preempted_requeued_matches_one_process(slurm, tiny_lm_d
     assert info["Restarts"] == "1"
 
     # ZeRO-3 over 2 nodes (with a preemption in the middle) == one process
-    r1, r2 = _records(one / "trajectory.jsonl"), _records(traj)
+    (_, r1), (_, r2) = read_trajectory(one / "trajectory.jsonl"), read_trajectory(traj)
     assert len(r1) == len(r2) == 12
     for a, b in zip(r1, r2):
-        assert (a["step"], a["seeds"], a["example_ids"]) == (b["step"], b["seeds"], b["example_ids"])
-        assert b["loss_plus"] == pytest.approx(a["loss_plus"], rel=1e-6)
-        assert b["loss_minus"] == pytest.approx(a["loss_minus"], rel=1e-6)
+        assert (a.step, a.seeds, a.example_ids) == (b.step, b.seeds, b.example_ids)
+        assert b.loss_plus == pytest.approx(a.loss_plus, rel=1e-6)
+        assert b.loss_minus == pytest.approx(a.loss_minus, rel=1e-6)
         # g = (L+ - L-) / (2 eps): its tolerance is the losses' (1e-6 relative) divided by eps
-        assert b["g"] == pytest.approx(a["g"], abs=1e-6 * (abs(a["loss_plus"]) + abs(a["loss_minus"])) / (2 * 1e-3))
+        assert b.g == pytest.approx(a.g, abs=1e-6 * (abs(a.loss_plus) + abs(a.loss_minus)) / (2 * 1e-3))
     cfg = json.loads((two / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["resolved_ds_config"]["zero_optimization"]["stage"] == 3
     # Weights. The two layouts sum each loss in a different order, so the losses agree to ~1e-7 and g,
     # which divides a loss difference by 2 eps, to ~1e-4; lr * g * z then leaves ~1e-6 (relative) in
     # the weights after 12 steps. So: close to the one-process weights, and exactly what the run's own
     # trajectory says (its log replayed onto the base weights in one process).
-    import zo_deepspeed as zd
-
-    w1, w2 = _weights(one / "export"), _weights(two / "export")
-    m = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    zd.replay(m, traj).flush()
-    w0 = _weights(tiny_lm_dir)
+    w1, w2 = hf_weights(one / "export"), hf_weights(two / "export")
+    m = replayed(tiny_lm_dir, traj)
+    w0 = hf_weights(tiny_lm_dir)
     for k in w1:
         assert not torch.equal(w1[k], w0[k]), k  # training moved it
-        assert ((w2[k] - w1[k]).norm() / w1[k].norm()).item() <= 1e-5, k
-        assert ((w2[k] - m.state_dict()[k]).norm() / w2[k].norm()).item() <= 1e-6, k
+        assert rel_err(w2[k], w1[k]) <= 1e-5, k
+        assert rel_err(m.state_dict()[k], w2[k]) <= 1e-6, k
 
 
 # -- ZeRO++ hpZ, 2 nodes x 2 ranks --------------------------------------------------------------
 
 def test_hpz_two_nodes_by_two_ranks_matches_one_process(slurm, model_dirs, tmp_path):
-    from test_distributed import compare, scenario
-    from test_ds_configs import ZO, reference_1t
-
-    from zo_deepspeed.ds_config import fill_auto, load_ds_config, validate_ds_config
+    from zo_deepspeed.ds_config import validate_ds_config
 
     llama = model_dirs["llama"]
-    batches = make_batches(1000, n_steps=3, batch=8)
-    torch.save(batches, tmp_path / "b.pt")
-    zo = ZO
+    batches = save_batches(tmp_path / "b.pt", 1000, n_steps=3, batch=8)
+    zo = ZO_EAGER
     # one hpZ config per process: DeepSpeed creates the hpZ process groups once
-    ds = fill_auto(load_ds_config(REPO / "ds_configs/zero3_hpz.json"), micro_batch=2, grad_accum=1, world_size=4,
-                   gpus_per_node=2)
+    ds = filled_ds("zero3_hpz", world=4, gpus_per_node=2, micro_batch=2)
     validate_ds_config(ds, world_size=4, gpus_per_node=2)
     assert ds["zero_optimization"]["zero_hpz_partition_size"] == 2
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"scenarios": [scenario("zero3_hpz", llama, ds, zo, tmp_path / "b.pt", tmp_path)]}))
+    spec = write_spec(tmp_path / "spec.json", [scenario("zero3_hpz", llama, ds, zo, tmp_path / "b.pt", tmp_path)])
     out = tmp_path / "job.out"
-    jid = submit(["--spec", str(spec)], out, GPUS_PER_NODE="2", ENTRY=str(REPO / "tests/dist/run_zo.py"))
+    jid = submit(["--spec", str(spec)], out, GPUS_PER_NODE="2", ENTRY=str(DIST / "run_zo.py"))
     info = wait(jid, out)
     log = out.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-4000:])
     assert "2 nodes x 2 ranks" in log and "--no_ssh --node_rank 1" in log
 
-    got = compare(tmp_path / "zero3_hpz", *reference_1t(llama, zo, batches))
+    got = compare(tmp_path / "zero3_hpz", *reference(llama, zo, batches, threads=1))
     assert got["kind"] == "zero3-hpz" and got["world"] == 4
-    records = [json.loads(line) for line in (tmp_path / "zero3_hpz.traj.jsonl").read_text().splitlines()]
-    assert records[0]["world_size"] == 4 and len(records) == 1 + 3
+    header, records = read_trajectory(tmp_path / "zero3_hpz.traj.jsonl")
+    assert header["world_size"] == 4 and len(records) == 3

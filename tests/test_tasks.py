@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import write_jsonl
+from harness import write_jsonl
 from zo_deepspeed.tasks import (ClassificationTask, Example, TaskDataError, TaskFileNotFoundError, accuracy,
                                 build_splits, encode_candidates, encode_for_training, encode_prompts, exact_match,
                                 generation_prompt, get_task, gold_answers, list_tasks, mean_squad_f1,

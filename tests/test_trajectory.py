@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import zo_deepspeed as zd
-from conftest import run_cli
+from harness import run_cli
 from zo_deepspeed import checkpoint as ckpt
 from zo_deepspeed.trajectory import LogError, LogHeader, StepRecord, TrajectoryLog, model_fingerprint, read_log
 

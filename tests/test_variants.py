@@ -10,12 +10,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import zo_deepspeed as zd
-from conftest import make_batches
-from test_distributed import Z3, ZO, compare, reference, scenario
+from harness import Z3, ZO, compare, reference, rel_err, replayed, save_batches, scenario, worker_weights
 from zo_deepspeed.rng import stream_key, variates
 from zo_deepspeed.sparse import magnitude_thresholds
 from zo_deepspeed.variants import UpdateRule, lr_at
@@ -127,24 +125,22 @@ VARIANTS = {
 def test_variants_two_ranks_match_one_process_and_replay(model_dirs, tmp_path, ranks):
     llama = model_dirs["llama"]
     bl = tmp_path / "bl.pt"
-    batches = make_batches(1000)
-    torch.save(batches, bl)
+    batches = save_batches(bl, 1000)
     ranks(2, [scenario(name, llama, Z3, zo, bl, tmp_path) for name, zo in VARIANTS.items()], tmp_path)
     for name, zo in VARIANTS.items():
         steps, weights = reference(llama, zo, batches)
         compare(tmp_path / name, steps, weights)
         # the log alone (its recorded update streams) rebuilds the trained weights in one process
-        m = AutoModelForCausalLM.from_pretrained(llama)
-        zd.replay(m, tmp_path / f"{name}.traj.jsonl").flush()
-        live = load_file(tmp_path / f"{name}.safetensors")
+        m = replayed(llama, tmp_path / f"{name}.traj.jsonl")
+        live = worker_weights(tmp_path / name)
         for k, w in m.named_parameters():
             w = w.detach()
             if zo.get("restore") == "master":  # exact copy of theta: the replay is bitwise
                 assert torch.equal(live[k], w), f"{name}: {k}"
             else:
-                assert ((live[k] - w).norm() / w.norm()).item() <= 1e-6, f"{name}: {k}"
+                assert rel_err(live[k], w) <= 1e-6, f"{name}: {k}"
     base = AutoModelForCausalLM.from_pretrained(llama)
-    live = load_file(tmp_path / "sparse.safetensors")
+    live = worker_weights(tmp_path / "sparse")
     frac = [(live[k] != w.detach()).float().mean().item() for k, w in base.named_parameters() if w.numel() > 1000]
     assert all(0.25 <= f <= 0.35 for f in frac), frac  # ~30% of each parameter moved, the rest bit-identical
 

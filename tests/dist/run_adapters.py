@@ -4,11 +4,11 @@ Launched through the real `deepspeed` launcher (gloo CPU ranks) by tests/test_ad
 scenario: losses and g, every gathered parameter (rank 0), the names of the parameters the ZO state edits,
 the trajectory log, and an export folder.
 """
-import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import zo_deepspeed as zd
@@ -16,14 +16,8 @@ from zo_deepspeed.adapters import AdapterConfig, adapt
 from zo_deepspeed.checkpoint import export_hf
 from zo_deepspeed.partitions import gather_state_dict
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    for sc in json.load(open(args.spec))["scenarios"]:
-        run(sc)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import save_weights, step_row, worker_main  # noqa: E402
 
 
 def run(sc: dict) -> None:
@@ -34,12 +28,12 @@ def run(sc: dict) -> None:
     for b in torch.load(sc["batches"]):
         idx = torch.tensor_split(torch.arange(b["input_ids"].shape[0]), world)[rank]
         r = eng.step({k: v[idx] for k, v in b.items()}, example_ids=idx.tolist())
-        results.append({"loss_plus": r.loss_plus, "loss_minus": r.loss_minus, "g": list(r.g)})
+        results.append(step_row(r))
     eng.flush()
     sd = gather_state_dict(eng.module)
     export_hf(eng, sc["out"] + ".export")
     if rank == 0:
-        save_file({k: v.float().contiguous() for k, v in sd.items()}, sc["out"] + ".safetensors")
+        save_weights(sd, sc["out"] + ".safetensors")
         json.dump({"steps": results, "kind": eng.parts.kind, "world": world,
                    "edited": [n for n, _ in eng.parts.params],
                    "partitioned": [n for n, p in eng.parts.params if hasattr(p, "ds_tensor")]},
@@ -48,4 +42,4 @@ def run(sc: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(run)

@@ -1,30 +1,22 @@
 """Worker for multi-rank tests: N ZO steps of a saved tiny model under a DeepSpeed config.
 
-Launched by tests/conftest.py through the real `deepspeed` launcher (gloo CPU
-ranks). Writes losses, g and the gathered final weights (rank 0) so the test
-can compare them with a single-process run without DeepSpeed.
+Launched by tests/harness.py (launch_ranks) through the real `deepspeed` launcher (gloo CPU
+ranks), and by tests/test_launchers.py and tests/test_slurm.py through launch/. Writes losses,
+g and the gathered final weights (rank 0) so the test can compare them with a single-process
+run without DeepSpeed.
 """
-import argparse
 import json
-import os
 import sys
+from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import zo_deepspeed as zd
 from zo_deepspeed.partitions import gather_state_dict
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    spec = json.load(open(args.spec))
-    for sc in spec["scenarios"]:
-        run(sc)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import save_weights, step_row, worker_main  # noqa: E402
 
 
 def run(sc: dict) -> None:
@@ -41,11 +33,11 @@ def run(sc: dict) -> None:
         mine = {k: v[idx] for k, v in b.items()}
         micro = [{k: v[i] for k, v in mine.items()} for i in torch.tensor_split(torch.arange(len(idx)), sc.get("micro", 1))]
         r = eng.step(micro, example_ids=idx.tolist())
-        results.append({"loss_plus": r.loss_plus, "loss_minus": r.loss_minus, "g": list(r.g)})
+        results.append(step_row(r))
     eng.flush()
     sd = gather_state_dict(eng.module)
     if rank == 0:
-        save_file({k: v.float().contiguous() for k, v in sd.items()}, sc["out"] + ".safetensors")
+        save_weights(sd, sc["out"] + ".safetensors")
         swapped = sum(1 for _, p in eng.parts.params
                       if getattr(getattr(p, "ds_tensor", None), "final_location", None) is not None)
         json.dump({"steps": results, "kind": eng.parts.kind, "world": world, "nvme_swapped": swapped,
@@ -54,4 +46,4 @@ def run(sc: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(run)

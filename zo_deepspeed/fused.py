@@ -25,7 +25,7 @@ import torch
 
 from .rng import StreamKey, _sr_bits, _variates
 
-__all__ = ["Term", "apply", "perturbed_rows", "default_chunk"]
+__all__ = ["Term", "apply", "perturbed_rows", "mirror", "default_chunk"]
 
 # Compiled, on CPU: 1 Mi elements, large enough that the per-call Python
 # overhead (~20-50 us) is noise next to the ~3 ms of work. On an accelerator a
@@ -86,6 +86,12 @@ def _kernel_rows(out, base, idx, keys, coefs, gaussian: bool, tau=None):
     """out <- base + sum(c z) at the arbitrary global indices ``idx`` (rows of an embedding)."""
     b = base.to(torch.float32)
     out.copy_(_add_terms(b, b, idx, keys, coefs, gaussian, tau))
+
+
+def _kernel_mirror(x, base):
+    """x <- 2*base - x: the reflection of theta + d through theta (exactly theta - d when representable)."""
+    b = base.to(torch.float32)
+    x.copy_(2.0 * b - x.to(torch.float32))
 
 
 def _kernel_base(x, base, idx0, a, ukeys, ucoefs, pkeys, pcoefs, srkey, gaussian: bool, update: bool, tau=None):
@@ -211,3 +217,15 @@ def perturbed_rows(base: torch.Tensor, idx: torch.Tensor, terms: Sequence[Term],
     if out.numel():
         _get("rows", _kernel_rows, compiled)(out, base, idx, keys, coefs, distribution == "gaussian", tau)
     return out
+
+
+def mirror(x: torch.Tensor, base: torch.Tensor, *, compiled: bool | None = None) -> None:
+    """``x <- 2*base - x`` over two 1-D tensors of one shape: turns ``theta + d`` into ``theta - d``
+    without evaluating z again (exact where ``theta - d`` is representable; otherwise one rounding)."""
+    if compiled is None:
+        compiled = compile_enabled()
+    n = x.shape[0]
+    step = _EAGER_CHUNK if not compiled else default_chunk if x.device.type == "cpu" else accelerator_chunk
+    fn = _get("mirror", _kernel_mirror, compiled)
+    for s in range(0, n, step):
+        fn(x[s:s + step], base[s:s + step])

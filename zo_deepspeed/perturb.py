@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .fused import Term, apply, perturbed_rows
+from .fused import Term, apply, mirror, perturbed_rows
 from .rng import stream_key
 
 __all__ = ["Block", "ReadPerturbation"]
@@ -133,6 +133,7 @@ class ReadPerturbation:
                  distribution: str = "gaussian", compiled: bool = True, thresholds: dict[str, float] | None = None):
         self.distribution, self.compiled, self.thresholds = distribution, compiled, thresholds
         self._blocks: list[Block] | None = None
+        self._buffers: dict = {}
         # the stream key of a parameter is its (first) name: a tied weight read by two modules gets the same z
         key_of = {id(p): name for name, p in params}
         self.modules: list[str] = []
@@ -159,6 +160,7 @@ class ReadPerturbation:
         finally:
             self._blocks = None
 
+    @torch.no_grad()
     def losses(self, loss_fn: Callable, forward: Callable, micro_batches: Sequence[dict],
                blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per block, the (sum, count) of ``loss_fn`` over the micro-batches: one stacked forward per
@@ -176,26 +178,56 @@ class ReadPerturbation:
         return sums, count
 
     # -- the wrapper --------------------------------------------------------------------------
-    def _perturbed(self, theta: torch.Tensor, key: str, block: Block) -> torch.Tensor:
-        out = torch.empty_like(theta)
-        tau = None if self.thresholds is None else self.thresholds[key]
-        apply(out.view(-1), 0, [Term(stream_key(s, key), c) for s, c in block.terms], base=theta.view(-1),
-              mask_below=tau, distribution=self.distribution, compiled=self.compiled)
-        return out
+    def _scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements of ``like``'s dtype and device, reused by every module call:
+        the one parameter-sized temporary of the read path (a fresh allocation per call would page-fault
+        its memory in every time on the CPU)."""
+        key = (like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self._buffers[key] = buf = None  # drop the old one first: never two at once
+            self._buffers[key] = buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
 
-    def _embedding_rows(self, m: torch.nn.Embedding, ids: torch.Tensor, key: str, block: Block) -> torch.Tensor:
-        """The lookup of ``ids`` in ``theta + block`` computed from the looked-up rows alone."""
+    def _fill(self, views: list[torch.Tensor], gathered: list[torch.Tensor], keys: list[str], block: Block,
+              mirror_of_previous: bool) -> None:
+        """``views`` <- theta + block. The second block of a +-c pair of one seed is the reflection of the first
+        through theta (no z evaluation): the two blocks see theta + d and theta - d for the same rounded d."""
+        for v, theta, key in zip(views, gathered, keys):
+            if mirror_of_previous:
+                mirror(v.view(-1), theta.view(-1), compiled=self.compiled)
+                continue
+            tau = None if self.thresholds is None else self.thresholds[key]
+            apply(v.view(-1), 0, [Term(stream_key(s, key), c) for s, c in block.terms], base=theta.view(-1),
+                  mask_below=tau, distribution=self.distribution, compiled=self.compiled)
+
+    def _embedding(self, m: torch.nn.Embedding, ids: torch.Tensor, key: str, blocks: Sequence[Block]) -> torch.Tensor:
+        """The lookup of each block's ids in ``theta + block``, computed from the looked-up rows alone (the
+        same values, element for element, as a lookup in the whole perturbed weight, mirrors included)."""
         theta = m.weight.data
-        dim = theta.shape[1]
-        flat = ids.reshape(-1)
-        idx = (flat.to(torch.int64).unsqueeze(1) * dim + torch.arange(dim, device=ids.device)).reshape(-1)
+        dim, K = theta.shape[1], len(blocks)
+        b = ids.shape[0] // K
         tau = None if self.thresholds is None else self.thresholds[key]
-        rows = perturbed_rows(theta[flat].reshape(-1), idx, [Term(stream_key(s, key), c) for s, c in block.terms],
-                              mask_below=tau, distribution=self.distribution, compiled=self.compiled)
-        return rows.view(*ids.shape, dim)
+        out = torch.empty((*ids.shape, dim), dtype=theta.dtype, device=theta.device)
+        last = None
+        for k in _pair_order(blocks):
+            rows_ids = ids[k * b:(k + 1) * b].reshape(-1)
+            base = theta[rows_ids].reshape(-1)
+            if _mirrors(blocks, last, k) and torch.equal(rows_ids, ids[last * b:(last + 1) * b].reshape(-1)):
+                rows = out[last * b:(last + 1) * b].reshape(-1).clone()
+                mirror(rows, base, compiled=self.compiled)
+            else:
+                idx = (rows_ids.to(torch.int64).unsqueeze(1) * dim + torch.arange(dim, device=ids.device)).reshape(-1)
+                rows = perturbed_rows(base, idx, [Term(stream_key(s, key), c) for s, c in blocks[k].terms],
+                                      mask_below=tau, distribution=self.distribution, compiled=self.compiled)
+            out[k * b:(k + 1) * b] = rows.view(b, *ids.shape[1:], dim)
+            last = k
+        return out
 
     def _wrap(self, m: torch.nn.Module, forward: Callable, own: list[tuple[str, torch.nn.Parameter]]):
         plain_embedding = type(m) is torch.nn.Embedding and m.max_norm is None
+        plain_linear = isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward
+        keys = [key for key, _ in own]
 
         def read_forward(*args, **kwargs):
             blocks = self._blocks
@@ -208,21 +240,69 @@ class ReadPerturbation:
                                  "set zo.perturb=partition for this model")
             b = n // K
             if plain_embedding and len(args) == 1 and not kwargs:
-                (key, _), = own
-                return torch.cat([self._embedding_rows(m, args[0][k * b:(k + 1) * b], key, blk)
-                                  for k, blk in enumerate(blocks)], 0)
+                return self._embedding(m, args[0], keys[0], blocks)
             gathered = [p.data for _, p in own]
-            outs = []
+            buf = self._scratch(sum(t.numel() for t in gathered), gathered[0])
+            views, off = [], 0
+            for t in gathered:
+                views.append(buf[off:off + t.numel()].view(t.shape))
+                off += t.numel()
+            out, outs = None, [None] * K
+            if plain_linear and len(args) == 1 and not kwargs:
+                x = args[0]
+                out = torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device=x.device)
             try:
-                for k, blk in enumerate(blocks):
-                    for (key, p), theta in zip(own, gathered):
-                        p.data = self._perturbed(theta, key, blk)  # the previous block's copy is freed here
-                    outs.append(forward(*_slice(args, n, k * b, (k + 1) * b),
-                                        **{name: _slice(v, n, k * b, (k + 1) * b) for name, v in kwargs.items()}))
+                for (_, p), v in zip(own, views):
+                    p.data = v
+                last = None
+                for k in _pair_order(blocks):
+                    self._fill(views, gathered, keys, blocks[k], _mirrors(blocks, last, k))
+                    last = k
+                    rows = slice(k * b, (k + 1) * b)
+                    if out is not None:  # straight into the stacked output: no concatenation of K outputs
+                        _linear_into(out[rows], args[0][rows], m.weight, m.bias)
+                    else:
+                        outs[k] = forward(*_slice(args, n, rows.start, rows.stop),
+                                          **{name: _slice(v, n, rows.start, rows.stop) for name, v in kwargs.items()})
             finally:
                 # the gathered tensor must be back before DeepSpeed's post-forward hook releases it
                 for (_, p), theta in zip(own, gathered):
                     p.data = theta
-            return _cat(outs)
+            return out if out is not None else _cat(outs)
 
         return read_forward
+
+
+def _pair_order(blocks: Sequence[Block]) -> list[int]:
+    """Block indices with each block followed by its mirror (same seed, opposite coefficient), if any."""
+    order, done = [], set()
+    for k, blk in enumerate(blocks):
+        if k in done:
+            continue
+        order.append(k)
+        done.add(k)
+        for j in range(k + 1, len(blocks)):
+            if j not in done and _mirrors(blocks, k, j):
+                order.append(j)
+                done.add(j)
+                break
+    return order
+
+
+def _mirrors(blocks: Sequence[Block], a: int | None, b: int) -> bool:
+    """Whether block b is block a reflected through theta: one term each, same seed, opposite coefficient."""
+    if a is None:
+        return False
+    ta, tb = blocks[a].terms, blocks[b].terms
+    return len(ta) == len(tb) == 1 and ta[0][0] == tb[0][0] and ta[0][1] == -tb[0][1]
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``out <- F.linear(x, weight, bias)`` written in place, by the same ATen path F.linear takes
+    (addmm over the flattened rows with a bias, matmul without), so the result is the same bits."""
+    if bias is not None and x.is_contiguous() and x.dim() in (2, 3):
+        torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out=out.view(-1, out.shape[-1]))
+    elif bias is None:
+        torch.matmul(x, weight.t(), out=out)
+    else:
+        out.copy_(torch.nn.functional.linear(x, weight, bias))

@@ -15,7 +15,9 @@ How theta is held depends on ``restore``:
 * inplace: theta is not stored; ``x <- a*x - a*offset + update + new_offset``.
   Exact in exact arithmetic, drifts by rounding (badly in 16 bit).
 * master: float32 copy of theta; ``x <- cast(theta + new_offset)``; restore
-  is exact and the update accumulates in float32.
+  is exact and the update accumulates in float32. The flip from ``+c z`` to
+  ``-c z`` reflects x through theta (``x <- 2 theta - x``, no z evaluation), so
+  both forwards of a perturbation see the same rounded displacement.
 * backup: a copy of theta in the partition dtype; exact restore; the update
   is stochastically rounded (bf16) so small updates are not lost on average.
 * none (``zo.perturb=forward``): the partition always holds theta (the
@@ -31,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .fused import Term, apply
+from .fused import Term, apply, mirror
 from .partitions import Partitions
 from .rng import stream_key
 
@@ -166,7 +168,13 @@ class WeightState:
                   distribution=self.distribution, compiled=self.compiled)
             return
         base = self.bases[(pc.key, pc.slot)]
+        # theta + d -> theta - d (the second forward of a perturbation): x was written from the exact theta,
+        # so it is reflected through it, with no z evaluation; both forwards see the same rounded d
+        flip = update is None and len(offset) == 1 and self.offset == [(offset[0][0], -offset[0][1])]
         if base.device == pc.tensor.device:
+            if flip:
+                mirror(pc.tensor, base, compiled=self.compiled)
+                return
             apply(pc.tensor, pc.start, keys(offset), scale=a, base=base, base_terms=keys(upd),
                   stochastic_round=sr, mask_below=tau, distribution=self.distribution, compiled=self.compiled)
             return
@@ -177,6 +185,9 @@ class WeightState:
         for s in range(0, n, step):
             e = min(n, s + step)
             b = base[s:e].to(pc.tensor.device)
+            if flip:
+                mirror(pc.tensor[s:e], b, compiled=self.compiled)
+                continue
             apply(pc.tensor[s:e], pc.start + s, keys(offset), scale=a, base=b, base_terms=keys(upd),
                   stochastic_round=sr, mask_below=tau, distribution=self.distribution, compiled=self.compiled)
             if upd or a != 1.0:

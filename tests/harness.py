@@ -23,7 +23,10 @@ DIST = REPO / "tests" / "dist"  # the rank workers
 
 # -- settings ------------------------------------------------------------------------------------------
 
-ZO = {"lr": 1e-4, "eps": 1e-3, "weight_decay": 0.1}
+# Partition mode (each rank edits its partition in place): the reference the perturb-on-read tests
+# (test_perturb.py) compare zo.perturb=forward against, at every layout.
+ZO = {"lr": 1e-4, "eps": 1e-3, "weight_decay": 0.1, "perturb": "partition"}
+FORWARD = {**ZO, "perturb": "forward"}
 # The eager kernel (compile=False) computes the same integer z stream as the compiled one. It is the
 # cheaper choice where a launch builds several engines (each would pay torch.compile's tracing again)
 # and the partitions are tiny.
@@ -208,8 +211,9 @@ def worker_main(run) -> None:
 
 
 def step_row(r) -> dict:
-    """What a worker records of one step (a StepResult) for compare()."""
-    return {"loss_plus": r.loss_plus, "loss_minus": r.loss_minus, "g": list(r.g)}
+    """What a worker records of one step (a StepResult) for compare(), and its profile's counters."""
+    return {"loss_plus": r.loss_plus, "loss_minus": r.loss_minus, "g": list(r.g), "edited": r.profile.edited,
+            "gathered_bytes": r.profile.gathered_bytes}
 
 
 def save_weights(sd: dict, path) -> None:

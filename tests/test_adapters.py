@@ -26,8 +26,9 @@ PREFIX = {"mode": "prefix", "init_seed": 5}
 
 def _zo(mode: str) -> dict:
     # MeZO's defaults for the mode, with a few more steps' worth of lr so that tiny runs move measurably
+    # (partition mode: test_perturb.py compares perturb-on-read adapters against it)
     d = AdapterConfig(mode=mode).zo_defaults()
-    return {**d, "lr": d["lr"] * 10, "weight_decay": 0.1, "seed": 7}
+    return {**d, "lr": d["lr"] * 10, "weight_decay": 0.1, "seed": 7, "perturb": "partition"}
 
 
 def _base_name(name: str, mode: str) -> str | None:

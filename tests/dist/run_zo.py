@@ -41,7 +41,9 @@ def run(sc: dict) -> None:
         swapped = sum(1 for _, p in eng.parts.params
                       if getattr(getattr(p, "ds_tensor", None), "final_location", None) is not None)
         json.dump({"steps": results, "kind": eng.parts.kind, "world": world, "nvme_swapped": swapped,
-                   "base_bytes": eng.state.base_bytes()}, open(sc["out"] + ".json", "w"))
+                   "base_bytes": eng.state.base_bytes(), "local_numel": eng.parts.local_numel(),
+                   "perturb": eng.perturb, "restore": eng.state.restore,
+                   "read_modules": eng.read.modules if eng.read is not None else []}, open(sc["out"] + ".json", "w"))
     torch.distributed.barrier()
 
 

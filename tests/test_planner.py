@@ -447,6 +447,21 @@ def test_cli_plan_text_and_json(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
+def test_cli_plan_choices_come_from_the_config():
+    import argparse
+
+    from zo_deepspeed.config import RESTORE_MODES, Perturb
+    from zo_deepspeed.planner import add_arguments
+    from zo_deepspeed.typed import choices
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    acts = {a.dest: a for a in ap._actions}
+    assert tuple(acts["perturb"].choices) == choices(Perturb) == ("auto", "forward", "partition")
+    assert tuple(acts["restore"].choices) == RESTORE_MODES and "none" in RESTORE_MODES
+    assert acts["perturb"].default == "auto" and acts["q"].default == 1
+
+
 def test_cli_plan_config_path(capsys, tmp_path):
     from transformers import LlamaConfig
 

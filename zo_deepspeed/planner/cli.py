@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import RESTORE_MODES
 from .memory import CONSTANTS, DTYPE_BYTES, OFFLOADS, TORCH_DTYPE, GiB
-from .planning import PLAN_BASE_DEVICES, Plan, plan, zo_settings
+from .planning import PLAN_BASE_DEVICES, PLAN_PERTURB, Plan, plan, zo_settings
 from .shapes import MODEL_NAMES
 
 __all__ = ["format_plan", "add_arguments", "run"]
@@ -19,6 +19,7 @@ _GPU_ROWS = [("partition", "partition (parameters this GPU holds)"),
              ("restore_copy", "restore copy (zo.restore master/backup)"),
              ("gathered", "gathered working set (ZeRO-3)"),
              ("activations", "activations (peak of one forward + loss)"),
+             ("read_temporary", "perturbed read copies (zo.perturb=forward)"),
              ("fused_scratch", "fused pass scratch"),
              ("cuda_context", "CUDA context, handles, kernels"),
              ("nccl", "NCCL buffers"),
@@ -43,7 +44,9 @@ def format_plan(p: Plan) -> str:
         f"hardware   {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) of {hw.gpu_mem_gib:g} GiB, "
         f"{hw.cpu_mem_gib:g} GiB host memory per node (world size {hw.world})",
         f"workload   {p.dtype}, micro-batch {p.batch} x {p.seq} tokens per GPU "
-        f"(train.batch_size = {p.batch} x {hw.world} x grad_accum)",
+        f"(train.batch_size = {p.batch} x {hw.world} x grad_accum), q = {e.q}: "
+        + (f"one forward of K x B = {e.blocks} x {p.batch} stacked per step (zo.perturb=forward)"
+           if e.perturb == "forward" else f"{2 * e.q} forwards of B = {p.batch} per step (zo.perturb=partition)"),
         f"layout     {e.layout.label}",
         f"ds_config  {e.ds_config_file}",
         f"zo         {zo_settings(e)}",
@@ -54,8 +57,11 @@ def format_plan(p: Plan) -> str:
         "partition": f"{'all' if e.layout.stage == 0 else f'1/{hw.world}'} of {m.n_params / 1e9:.2f} B x "
                      f"{DTYPE_BYTES[p.dtype]} B" if e.layout.offload == "none" else "in host memory / NVMe",
         "gathered": f"{e.gathered_elements / 1e6:.0f} M elements at the peak" if e.gathered_elements else "",
-        "activations": f"peak in '{a['phase']}': KV cache {a['kv_cache'] / GiB:.2f}, logits {a['logits'] / GiB:.2f}, "
+        "activations": (f"K x B = {e.blocks} x {p.batch}; " if e.blocks > 1 else "")
+                       + f"peak in '{a['phase']}': KV cache {a['kv_cache'] / GiB:.2f}, logits {a['logits'] / GiB:.2f}, "
                        f"loss {a['loss'] / GiB:.2f}, layer {a['layer'] / GiB:.2f}",
+        "read_temporary": f"{CONSTANTS['read_temporaries']} x the largest parameter ({m.largest_param / 1e6:.0f} M "
+                          f"elements x {DTYPE_BYTES[p.dtype]} B)",
         "fragmentation": f"{CONSTANTS['fragmentation']:.0%} of gathered + activations",
     }
     for k, label in _GPU_ROWS:
@@ -107,9 +113,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="parameter dtype (default bf16)")
     ap.add_argument("--batch", type=int, default=1, help="micro-batch per GPU: examples in each rank's forward")
     ap.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
+    ap.add_argument("--perturb", default="auto", choices=PLAN_PERTURB,
+                    help="zo.perturb; auto (default): forward (one forward over K = 2q stacked copies of the batch, "
+                         "no restore copy) where its K-times activations fit, else partition")
+    ap.add_argument("--q", type=int, default=1, help="zo.q, perturbations per step (default 1); forward mode "
+                                                     "stacks K = 2q copies of the batch")
     ap.add_argument("--restore", default="auto", choices=RESTORE_MODES,
-                    help="zo.restore; auto: exact restore (master, then backup for bf16) where it fits, "
-                         "else inplace")
+                    help="zo.restore; auto: none for zo.perturb=forward (master for fp16); for partition: exact "
+                         "restore (master, then backup for bf16) where it fits, else inplace")
     ap.add_argument("--base-device", default="auto", choices=PLAN_BASE_DEVICES,
                     help="zo.base_device of the restore copy; auto: on the GPU if it fits, else host memory")
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"),
@@ -124,7 +135,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """The ``plan`` subcommand: 0 if it fits, 1 if it does not; bad input raises ValueError."""
     p = plan(args.model, args.gpus_per_node, args.nodes, args.gpu_mem, args.cpu_mem, args.offload, args.dtype,
-             args.batch, args.seq, args.restore, args.base_device, args.attention, args.kv_cache)
+             args.batch, args.seq, args.restore, args.base_device, args.attention, args.kv_cache,
+             perturb=args.perturb, q=args.q)
     print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
     if getattr(args, "ds_config_out", None):
         out = Path(args.ds_config_out)

@@ -1,5 +1,5 @@
 """Per-candidate memory: the constants (and why), the layouts and their ds_configs, and :func:`estimate`,
-the per-GPU and per-node bytes of one (layout, restore mode, restore-copy device)."""
+the per-GPU and per-node bytes of one (layout, perturbation mode, restore mode, restore-copy device)."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +9,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import PARTITION_ONLY_RESTORE, RESTORE_MODES
 from .shapes import ModelShape, activations, gathered_peak
 
-__all__ = ["GiB", "MiB", "DS_CONFIG_DIR", "DTYPE_BYTES", "TORCH_DTYPE", "OFFLOADS", "CONSTANTS", "Layout", "Hardware",
-           "Estimate", "estimate"]
+__all__ = ["GiB", "MiB", "DS_CONFIG_DIR", "DTYPE_BYTES", "TORCH_DTYPE", "OFFLOADS", "PERTURB_MODES", "CONSTANTS",
+           "Layout", "Hardware", "Estimate", "estimate"]
 
 GiB = 2**30
 MiB = 2**20
@@ -20,6 +21,12 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "ds_configs"
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # the trainer's model.dtype
 OFFLOADS = ("auto", "none", "cpu", "nvme")
+PERTURB_MODES = ("forward", "partition")  # zo.perturb once auto is decided (what an estimate is for)
+RESTORE_BYTES = {"none": 0, "inplace": 0, "master": 4}  # restore copy per local parameter; backup: the dtype's
+# resolved restore modes of each perturbation mode, by ZOConfig's rules: forward never perturbs the partition, so
+# the partition-only modes (inplace, backup) have nothing to restore; none keeps it unperturbed, which only forward does
+_RESTORES_OF = {"forward": tuple(r for r in RESTORE_MODES if r != "auto" and r not in PARTITION_ONLY_RESTORE),
+                "partition": tuple(r for r in RESTORE_MODES if r not in ("auto", "none"))}
 
 # ---------------------------------------------------------------------------- constants (and why)
 CONSTANTS = {
@@ -45,6 +52,14 @@ CONSTANTS = {
     "host_process_gib": 3.0,
     # NVMe offload keeps partitions smaller than max(1 MiB, aio block) in host memory (DeepSpeed).
     "nvme_min_swap_bytes": MiB,
+    # zo.perturb=forward: copies of the largest parameter (in the model dtype, on the GPU that runs the
+    # forward) live at once. A wrapped module computes block k's rows with p.data = theta + c_k z_k, a
+    # temporary of its own parameters (an nn.Embedding lookup perturbs only the looked-up rows, but a tied or
+    # untied lm_head reads a full vocab x hidden weight: the largest parameter). perturb.py allocates block
+    # k's copy while block k-1's is still p.data, so two are live for K >= 2: measured on CPU (tests/
+    # test_planner.py, a step whose extra memory is the tied embedding: 1.9-2.0 x its size above the
+    # activations). 1 once the wrapper releases or reuses the previous block's copy before making the next.
+    "read_temporaries": 2,
 }
 
 # the ZeRO-3 settings of every shipped ds_config (used if ds_configs/ is not next to the package)
@@ -124,6 +139,8 @@ class Estimate:
     layout: Layout
     restore: str
     base_device: str
+    perturb: str           # forward | partition
+    q: int                 # perturbations per step; forward mode stacks K = 2q blocks of the batch
     ds_config_file: str
     ds_config: dict
     generated: bool
@@ -147,6 +164,11 @@ class Estimate:
     def overflow(self) -> float:
         return max(self.gpu_total / self.gpu_cap, self.host_total / self.host_cap)
 
+    @property
+    def blocks(self) -> int:
+        """Copies of the batch in one forward: K = 2q in forward mode, 1 in partition mode."""
+        return 2 * self.q if self.perturb == "forward" else 1
+
 
 @dataclass
 class Hardware:
@@ -161,17 +183,34 @@ class Hardware:
 
 
 def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restore: str, base_device: str,
-             batch: int, seq: int, *, attention: str = "sdpa", kv_cache: bool = False) -> Estimate:
-    """Per-GPU and per-node bytes of one candidate (layout, restore mode, restore-copy device)."""
+             batch: int, seq: int, *, attention: str = "sdpa", kv_cache: bool = False, perturb: str = "partition",
+             q: int = 1) -> Estimate:
+    """Per-GPU and per-node bytes of one candidate (layout, perturbation mode, restore mode, restore-copy
+    device) with ``q`` perturbations per step.
+
+    ``perturb="partition"``: every forward is one of batch ``batch`` (2q of them per step, one after the
+    other); the restore copy of ``restore`` (master 4 B, backup 2 B per local parameter).
+    ``perturb="forward"``: one forward over K = 2q stacked copies of the batch (:func:`activations` with
+    ``blocks=K``), plus the perturbed read copies of the largest parameter (``CONSTANTS["read_temporaries"]``);
+    no restore copy with ``restore="none"`` (``master`` still holds its float32 copy).
+    """
+    if perturb not in PERTURB_MODES:
+        raise ValueError(f"perturb={perturb!r}; use forward or partition (auto is decided by plan())")
+    if restore not in _RESTORES_OF[perturb]:
+        raise ValueError(f"restore={restore!r} does not go with perturb={perturb!r}; use one of "
+                         f"{', '.join(_RESTORES_OF[perturb])} (config.ZOConfig's rules)")
+    if not isinstance(q, int) or q < 1:
+        raise ValueError(f"q={q!r}; use an integer >= 1")
     b = DTYPE_BYTES[dtype]
     W, gpn = hw.world, hw.gpus_per_node
     P = shape.n_params
+    K = 2 * q if perturb == "forward" else 1
     ds_file, ds_cfg, generated = _ds_config_for(layout, dtype)
     zero = {**_DEFAULT_ZERO, **ds_cfg.get("zero_optimization", {})}
     local = P if layout.stage == 0 else sum(math.ceil(n / W) for n in shape.param_numel)
-    base_b = {"inplace": 0, "master": 4, "backup": b}[restore]
+    base_b = RESTORE_BYTES.get(restore, b)  # backup: a copy in the partition dtype
     base_on_gpu = layout.offload == "none" and base_device == "same"
-    act = activations(shape, batch, seq, b, attention=attention, kv_cache=kv_cache)
+    act = activations(shape, batch, seq, b, attention=attention, kv_cache=kv_cache, blocks=K)
     gathered = 0
     if layout.stage == 3 and (W > 1 or layout.offload != "none"):
         gathered = gathered_peak(shape, int(zero["stage3_prefetch_bucket_size"]),
@@ -183,6 +222,9 @@ def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restor
         "restore_copy": local * base_b if base_on_gpu else 0,
         "gathered": gathered * b,
         "activations": act["peak"],
+        # forward mode: theta + c_k z_k of the module being read (the largest parameter), on the GPU whatever
+        # the layout (it is made from the gathered copy); not in fragmentation: one size, reused block by block
+        "read_temporary": C["read_temporaries"] * shape.largest_param * b if perturb == "forward" else 0,
         "fused_scratch": C["fused_scratch_mib"] * MiB,
         "cuda_context": int(C["cuda_context_gib"] * GiB),
         "nccl": int(C["nccl_gib"] * GiB) if W > 1 else 0,
@@ -206,7 +248,7 @@ def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restor
     }
     host_total = sum(v for k, v in n.items() if k.startswith("host"))
     disk = (local * b - host_resident) * gpn if layout.offload == "nvme" else 0
-    return Estimate(layout=layout, restore=restore, base_device="same" if base_on_gpu else "cpu",
+    return Estimate(layout=layout, restore=restore, base_device="same" if base_on_gpu else "cpu", perturb=perturb, q=q,
                     ds_config_file=ds_file, ds_config=ds_cfg, generated=generated, per_gpu=g, per_node=n,
                     gpu_total=gpu_total, host_total=host_total, disk_per_node=disk,
                     fits_gpu=gpu_total <= hw.gpu_mem_gib * GiB, fits_host=host_total <= hw.cpu_mem_gib * GiB,

@@ -114,8 +114,20 @@ def load_model_shape(model: str) -> ModelShape:
 
 # ---------------------------------------------------------------------------- activations
 def activations(shape: ModelShape, batch: int, seq: int, b: int, *, attention: str = "sdpa",
-                kv_cache: bool = False, loss: str = "library") -> dict:
+                kv_cache: bool = False, loss: str = "library", blocks: int = 1) -> dict:
     """Peak bytes live during one no_grad forward + loss, and its parts (all in bytes).
+
+    ``blocks`` = K > 1 is ``zo.perturb=forward``'s forward: K copies of the ``batch`` stacked along the
+    batch dimension (K = 2q), so everything up to the logits is that of a K*batch forward (T below is
+    then the stacked forward's tokens, K*batch*seq), except
+
+    * the head: each wrapped module computes its K blocks' outputs one after the other and concatenates
+      them, so the output head holds the K blocks' logits and their concatenation at once,
+      ``2*T*vocab*b`` (the same happens in every linear layer, where it is no larger than the
+      block the layer phase counts already);
+    * the loss runs once per block on that block's rows (a view of the stacked logits), so the stacked
+      logits ``T*vocab*b`` stay alive under one block's loss temporaries (the float32 copy and the
+      log-softmax of ``batch`` rows), not K blocks' worth.
 
     What is live (HF decoder-only LM, eval mode, no_grad: a tensor dies when its last reference goes):
 
@@ -139,6 +151,11 @@ def activations(shape: ModelShape, batch: int, seq: int, b: int, *, attention: s
     """
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention={attention!r}; use sdpa or eager")
+    if not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks={blocks!r}; use an integer >= 1 (K = 2q for zo.perturb=forward)")
+    K = blocks
+    Tb = batch * seq            # tokens of one block (the batch one loss call sees)
+    batch = K * batch           # the stacked forward
     T = batch * seq
     h, kv, f, V, L = shape.hidden, shape.kv_dim, shape.ffn, shape.vocab, shape.layers
     mask = batch * seq * seq * (1 if attention == "sdpa" else b)
@@ -149,22 +166,28 @@ def activations(shape: ModelShape, batch: int, seq: int, b: int, *, attention: s
     layer = max(attn, mlp)
     cache = 2 * L * T * kv * b if kv_cache else 0
     logits = T * V * b
+    bb = batch // K             # rows of one block
     if loss == "library":
         # logits[:, :-1].float(): a new float32 tensor for 16-bit logits (the 16-bit ones die when the name is
-        # rebound), a view of float32 ones that reshape() then copies when batch > 1; plus log_softmax
-        loss_b = T * V * (8 if b < 4 else (12 if batch > 1 else 8))
+        # rebound, unless other blocks' views keep the stacked tensor alive), a view of float32 ones that
+        # reshape() then copies when a block has more than one row; plus log_softmax
+        temps = Tb * V * (8 if b < 4 or bb > 1 else 4)
+        keeps_logits = K > 1 or b == 4   # the logits stay alive under the loss temporaries
     elif loss == "chunked":
-        loss_b = logits + 2 * 256 * V * 4
+        temps, keeps_logits = 2 * 256 * V * 4, True
     else:
         raise ValueError(f"loss={loss!r}; use library or chunked")
+    loss_b = temps + (logits if keeps_logits else 0)
     phases = {
         "layers": mask + resid + cache + layer,   # at the last layer (the cache is largest there)
-        "head": mask + resid + cache + T * h * b + logits,
+        # K > 1: the head's K block outputs and their concatenation
+        "head": mask + resid + cache + T * h * b + logits * (2 if K > 1 else 1),
         "loss": loss_b,
     }
     phase = max(phases, key=phases.get)
     return {"peak": phases[phase], "phase": phase, "phases": phases, "kv_cache": cache, "logits": logits,
-            "loss": loss_b, "layer": layer, "residual": resid, "mask": mask, "scores": scores, "tokens": T}
+            "loss": loss_b, "layer": layer, "residual": resid, "mask": mask, "scores": scores, "tokens": T,
+            "blocks": K}
 
 
 # ---------------------------------------------------------------------------- ZeRO-3 gathers

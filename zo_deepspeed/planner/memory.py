@@ -53,13 +53,13 @@ CONSTANTS = {
     # NVMe offload keeps partitions smaller than max(1 MiB, aio block) in host memory (DeepSpeed).
     "nvme_min_swap_bytes": MiB,
     # zo.perturb=forward: copies of the largest parameter (in the model dtype, on the GPU that runs the
-    # forward) live at once. A wrapped module computes block k's rows with p.data = theta + c_k z_k, a
-    # temporary of its own parameters (an nn.Embedding lookup perturbs only the looked-up rows, but a tied or
-    # untied lm_head reads a full vocab x hidden weight: the largest parameter). perturb.py allocates block
-    # k's copy while block k-1's is still p.data, so two are live for K >= 2: measured on CPU (tests/
-    # test_planner.py, a step whose extra memory is the tied embedding: 1.9-2.0 x its size above the
-    # activations). 1 once the wrapper releases or reuses the previous block's copy before making the next.
-    "read_temporaries": 2,
+    # forward) live at once. A wrapped module computes block k's rows with p.data = theta + c_k z_k written
+    # into one scratch buffer that every module call reuses (perturb.py: ReadPerturbation._scratch), sized
+    # by the largest module's own parameters (an nn.Embedding lookup perturbs only the looked-up rows, but
+    # a tied or untied lm_head reads a full vocab x hidden weight: the largest parameter). The buffer stays
+    # allocated between steps. Measured on CPU (tests/test_planner.py, a step whose extra memory is the
+    # tied embedding).
+    "read_temporaries": 1,
 }
 
 # the ZeRO-3 settings of every shipped ds_config (used if ds_configs/ is not next to the package)

@@ -15,7 +15,9 @@ Every workload runs in its own fresh subprocess (so peaks do not mix) that:
 
 Workloads: ``infer logits`` (``model(input_ids, attention_mask)`` under no_grad),
 ``infer loss`` (``causal_lm_loss`` under no_grad: the forward a ZO step runs twice),
-``zo step`` (``engine.step(batch)``, config None, fuse_update=True), and for reference
+``zo step`` (``engine.step(batch)``, config None, fuse_update=True, zo.perturb=partition), ``zo step read``
+(zo.perturb=forward: one forward over the batch stacked twice, no restore copy) next to ``infer loss 2B``
+(the same loss on the doubled batch: the forward that step runs), and for reference
 ``backprop+AdamW`` (forward, backward, ``AdamW.step``, ``zero_grad(set_to_none=True)``).
 Rows marked ``*`` use ``chunked_lm_loss`` below, a proposed replacement for the
 library's ``causal_lm_loss`` (same sum and count; checked) that does not copy the
@@ -109,16 +111,21 @@ def child(spec: dict) -> dict:
         def run():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         warm = 1
-    elif w == "infer loss":
+    elif w in ("infer loss", "infer loss 2B"):
+        if w == "infer loss 2B":  # the stacked forward a perturb-on-read step runs (K = 2 copies of the batch)
+            batch = {k: torch.cat([v, v]) for k, v in batch.items()}
+
         @torch.no_grad()
         def run():
             loss_fn(model, batch)
         warm = 1
     elif w == "zo step":
-        eng = zd.initialize(model, None, zd.ZOConfig(lr=1e-6, restore=spec["restore"], fuse_update=True),
-                            loss_fn=loss_fn)
+        eng = zd.initialize(model, None, zd.ZOConfig(lr=1e-6, restore=spec["restore"], fuse_update=True,
+                                                     perturb=spec.get("perturb", "partition")), loss_fn=loss_fn)
         out["base_bytes"] = eng.state.base_bytes()
         out["restore"] = eng.state.restore
+        out["perturb"] = eng.perturb
+        out["largest_param_bytes"] = max(p.numel() * p.element_size() for p in model.parameters())
 
         def run():
             eng.step(batch)
@@ -185,15 +192,20 @@ def main() -> None:
 
     load0 = "%.1f %.1f %.1f" % os.getloadavg()
     common = {"model": args.model, "batch": args.batch, "seq": args.seq}
+    # (dtype, workload, restore); "zo step" rows are partition mode, "zo step read" rows zo.perturb=forward
     plan = [("float32", "infer logits", None), ("float32", "infer loss", None), ("float32", "zo step", "auto"),
+            ("float32", "infer loss 2B", None), ("float32", "zo step read", "none"),
             ("float32", "backprop+AdamW", None), ("float32", "infer loss *", None), ("float32", "zo step *", "auto")]
     if args.bf16:
         plan += [("bfloat16", "infer loss", None), ("bfloat16", "zo step", "inplace"),
                  ("bfloat16", "zo step", "backup"), ("bfloat16", "zo step", "master"),
+                 ("bfloat16", "infer loss 2B", None), ("bfloat16", "zo step read", "none"),
                  ("bfloat16", "infer loss *", None), ("bfloat16", "zo step *", "inplace")]
     res = {}
     for dt, w, restore in plan:
-        r = run_child(dict(common, dtype=dt, workload=w, restore=restore), args.mmap_threshold)
+        spec = dict(common, dtype=dt, workload=w.replace(" read", ""), restore=restore,
+                    perturb="forward" if w.endswith(" read") else "partition")
+        r = run_child(spec, args.mmap_threshold)
         res[(dt, w, restore)] = r
         print(f"{dt:9s} {w:15s} {restore or '':8s} build {r['rss_build'] / MiB:7.0f} MiB  raw peak "
               f"{r['maxrss_raw'] / MiB:7.0f}  steady peak {r['maxrss_steady'] / MiB:7.0f} "
@@ -213,7 +225,8 @@ def main() -> None:
             if d != dt:
                 continue
             delta = r["maxrss_steady"] - r["rss_build"]
-            name = w + (f" (restore={r.get('restore', restore)})" if w.startswith("zo step") else "")
+            name = w + (f" (perturb={r['perturb']}, restore={r.get('restore', restore)})" if w.startswith("zo step")
+                        else "")
             if "same_loss" in r:
                 name += f" (same sum/count as causal_lm_loss: {r['same_loss']})"
             goal = ""
@@ -224,6 +237,13 @@ def main() -> None:
             elif w == "zo step":
                 q = r["maxrss_steady"] / ref_steady
                 goal = "met" if q <= 1.05 else f"missed by {q - 1.05:.2f}"
+            elif w == "zo step read":
+                # its forward is one of 2B rows: compared with that forward, plus the one read copy it holds
+                ref2 = res[(dt, "infer loss 2B", None)]["maxrss_steady"]
+                lim = 1.05 + r["largest_param_bytes"] / ref2
+                q = r["maxrss_steady"] / ref2
+                goal = (f"vs infer loss 2B: {q:.3f} (goal <= 1.05 + largest parameter = {lim:.3f}): "
+                        + ("met" if q <= lim else f"missed by {q - lim:.2f}"))
             rows.append([dt, name, r["param_bytes"] / MiB, r["rss_build"] / MiB, r["rss_before"] / MiB,
                          r["maxrss_raw"] / MiB,
                          r["maxrss_steady"] / MiB, delta / MiB, r.get("base_bytes", 0) / MiB,
@@ -240,7 +260,9 @@ def main() -> None:
             "kernel compile included). Steady peak: ru_maxrss over two more calls after resetting the peak mark "
             f"(clear_refs 5; reset effective in every child: {resets}). Steady delta = steady peak - RSS after "
             "build. Ratios are against `infer loss` (forward + loss under no_grad, the forward a ZO step runs) "
-            "of the same dtype. Goal: ZO step <= 1.05 x inference. Rows marked * use the proposed `chunked_lm_loss` "
+            "of the same dtype; `zo step read` (zo.perturb=forward) also against `infer loss 2B`, the forward of the "
+            "stacked batch it runs. Goal: ZO step <= 1.05 x inference (read mode: plus its one read copy, the "
+            "largest parameter). Rows marked * use the proposed `chunked_lm_loss` "
             "of bench/memory.py instead of the library's `causal_lm_loss` (passed to initialize as loss_fn).\n\n"
             + t + "\n")
     if args.mmap_threshold:

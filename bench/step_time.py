@@ -76,16 +76,19 @@ def single_rank(model_name: str, args) -> list[list]:
     batch = C.make_batch(C.model_config(model_name).vocab_size, args.batch, args.seq)
     mod_a = C.build_model(model_name, torch.float32)
     mod_b = copy.deepcopy(mod_a)
-    eng_a = zd.initialize(mod_a, None, zd.ZOConfig(lr=LR, eps=EPS, fuse_update=True))
-    eng_b = zd.initialize(mod_b, None, zd.ZOConfig(lr=LR, eps=EPS, fuse_update=False))
+    mod_c = copy.deepcopy(mod_a)
+    eng_a = zd.initialize(mod_a, None, zd.ZOConfig(lr=LR, eps=EPS, fuse_update=True, perturb="partition"))
+    eng_b = zd.initialize(mod_b, None, zd.ZOConfig(lr=LR, eps=EPS, fuse_update=False, perturb="partition"))
+    eng_c = zd.initialize(mod_c, None, zd.ZOConfig(lr=LR, eps=EPS, perturb="forward"))
     variants = {"forward": forward_fn(mod_a, batch),
                 "zo fuse_update=1": lambda: eng_a.step(batch),
-                "zo fuse_update=0": lambda: eng_b.step(batch)}
+                "zo fuse_update=0": lambda: eng_b.step(batch),
+                "zo perturb=forward": lambda: eng_c.step(batch)}
     eng_z = None
     if args.zero3:
         init_single_rank_dist()
         eng_z = zd.initialize(lambda: C.build_model(model_name, torch.float32), z3_config(),
-                              zd.ZOConfig(lr=LR, eps=EPS, fuse_update=True))
+                              zd.ZOConfig(lr=LR, eps=EPS, fuse_update=True, perturb="partition"))
         variants["zero3 forward"] = forward_fn(eng_z, batch)
         variants["zero3 zo fuse_update=1"] = lambda: eng_z.step(batch)
     # warm-up: compile (1-term graph at the first step, 2-term at the second) and fault pages in
@@ -112,10 +115,11 @@ def single_rank(model_name: str, args) -> list[list]:
 
     row("1 rank, plain module, fuse_update=1 (2 passes)", "forward", "zo fuse_update=1")
     row("1 rank, plain module, fuse_update=0 (3 passes)", "forward", "zo fuse_update=0")
+    row("1 rank, plain module, perturb=forward (1 forward of 2B, 1 pass)", "forward", "zo perturb=forward")
     if eng_z is not None:
         row("1 rank, ZeRO-3 (ws 1), fuse_update=1", "zero3 forward", "zero3 zo fuse_update=1")
     print(f"  ({n / 1e6:.1f} M parameters)")
-    del eng_a, eng_b, eng_z, mod_a, mod_b
+    del eng_a, eng_b, eng_c, eng_z, mod_a, mod_b, mod_c
     return rows
 
 
@@ -125,7 +129,7 @@ def worker(spec_path: str) -> None:
     spec = json.load(open(spec_path))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     eng = zd.initialize(lambda: C.build_model(spec["model"], torch.float32), z3_config(spec["offload"]),
-                        zd.ZOConfig(lr=LR, eps=EPS, fuse_update=True))
+                        zd.ZOConfig(lr=LR, eps=EPS, fuse_update=True, perturb="partition"))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     full = C.make_batch(C.model_config(spec["model"]).vocab_size, spec["batch"], spec["seq"])
     batch = shard_batch(full)

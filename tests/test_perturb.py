@@ -166,9 +166,10 @@ def test_two_ranks_every_layout_equals_partition_mode(model_dirs, tmp_path, rank
     }
     scs = [scenario(f"fwd_{n}", llama, ds, {**FORWARD, **v}, tmp_path / "bl.pt", tmp_path,
                     micro=2 if "gas" in n else 1) for n, (ds, v) in cases.items()]
+    logged = {**Z3_T0, "comms_logger": {"enabled": True, "verbose": False, "prof_all": True}}  # gathered bytes
     scs += [scenario("fwd_opt_z3", opt, Z3_T0, FORWARD, tmp_path / "bo.pt", tmp_path),
-            scenario("part_z3", llama, Z3_T0, MASTER, tmp_path / "bl.pt", tmp_path),
-            scenario("fwd_z3_t0", llama, Z3_T0, FORWARD, tmp_path / "bl.pt", tmp_path),
+            scenario("part_z3", llama, logged, MASTER, tmp_path / "bl.pt", tmp_path),
+            scenario("fwd_z3_t0", llama, logged, FORWARD, tmp_path / "bl.pt", tmp_path),
             scenario("part_offload", llama, Z3_OFF, MASTER, tmp_path / "bl.pt", tmp_path)]
     ranks(2, scs, tmp_path)
     for n, (ds, v) in cases.items():

@@ -175,9 +175,6 @@ def worker(spec_path: str) -> None:
             res = {"step": [], "forward": [], "gathered": [], "edited": []}
             for _ in range(spec["repeats"]):
                 res["forward"].append(timed_max(fwd))
-                from zo_deepspeed.partitions import gathered_bytes
-
-                gathered_bytes()  # the forward's own gathers are not the step's
                 r = None
 
                 def step():

@@ -189,6 +189,8 @@ class ZOEngine:
         t = self._step
         seeds = tuple(derive_seed(zo.seed, t, j) for j in range(zo.q))
         watch, edited = Stopwatch(self.device), self.state.edited
+        if self.parts.zero3:
+            gathered_bytes()  # drop what came before this step (evaluation, export): the profile is the step's
         sums = torch.zeros(2 * zo.q + 1, dtype=torch.float64)
         if self.read is not None:
             # one forward over 2q blocks of the stacked batch: +eps z_j for block j, -eps z_j for block q + j;

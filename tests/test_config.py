@@ -198,7 +198,7 @@ def test_resolve_fills_objective_by_task_kind_and_total_steps():
     assert (cfg.train.objective, cfg.zo.total_steps) == ("choice", 12)  # rotten_tomatoes: classification
     gen = resolve_run_config(load_run_config(None, ["data.task=squad"]))
     assert (gen.train.objective, gen.zo.total_steps) == ("loss", 40)
-    explicit = load_run_config(None, ["train.objective=accuracy", "zo.total_steps=100"])
+    explicit = load_run_config(None, ["train.objective=accuracy", "zo.total_steps=100", "zo.perturb=forward"])
     assert resolve_run_config(explicit) is explicit  # nothing to fill: the same tree
     assert resolve_run_config(cfg) is cfg  # idempotent
     raw = load_run_config()

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from .estimators import Estimator
 from .rng import Distribution
 from .typed import check_fields, choices, section_values
 from .variants import LRSchedule, Optimizer
@@ -32,7 +33,17 @@ class ZOConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay, applied to parameters with 2 or more dimensions only (decided by shape)."""
     q: int = 1
-    """Perturbations per step (n-SPSA); the update averages their g*z."""
+    """Perturbations per step; the update averages their g*z. spsa: q two-sided pairs (K = 2q models per step);
+    fzoo: N = q one-sided perturbations plus the clean model (K = q + 1; q >= 2)."""
+    estimator: Estimator = "spsa"
+    """How a step's losses become projected gradients (zo_deepspeed/estimators.py). spsa: MeZO's two-sided
+    g = (L+ - L-)/(2 eps) per perturbation. fzoo: FZOO (ICLR 2026): one clean and q one-sided perturbations,
+    g_i = (L_i - L_0)/sigma with sigma the standard deviation of the q perturbed losses (the paper uses
+    zo.distribution=rademacher)."""
+    perturb_parallel: int = 1
+    """Perturbation parallelism: ranks per data group, each evaluating its share (q / this) of the step's
+    perturbations on the same data shard; the world splits into world / this data groups. Needs
+    zo.perturb=forward; 1: every rank evaluates every perturbation on its own shard."""
     seed: int = 0
     """Run seed; step t's j-th perturbation uses a seed derived from (seed, t, j)."""
     distribution: Distribution = "gaussian"
@@ -111,6 +122,15 @@ class ZOConfig:
                 raise ValueError(f"zo.{name} must be an integer >= 0, got {v!r}")
         if not 0.0 < self.sparse_keep <= 1.0:
             raise ValueError(f"zo.sparse_keep must be in (0, 1] (1: dense), got {self.sparse_keep!r}")
+        if self.estimator == "fzoo" and self.q < 2:
+            raise ValueError(f"zo.estimator=fzoo normalises by the spread of q one-sided losses: set zo.q >= 2 (FZOO "
+                             f"uses 8 or more), got {self.q}")
+        if self.perturb_parallel < 1 or self.q % self.perturb_parallel:
+            raise ValueError(f"zo.perturb_parallel={self.perturb_parallel} must divide zo.q={self.q}: each rank of a "
+                             "data group evaluates q / perturb_parallel perturbations")
+        if self.perturb_parallel > 1 and self.resolved_perturb() == "partition":
+            raise ValueError("zo.perturb_parallel > 1 evaluates different perturbations on different ranks, which "
+                             "partition mode cannot (the ranks would gather a mix of them); set zo.perturb=forward")
         if self.perturb == "forward" and self.restore in PARTITION_ONLY_RESTORE:
             raise ValueError(f"zo.restore={self.restore} restores a perturbed partition, and zo.perturb=forward never "
                              "perturbs it; use zo.restore=none (default) or master, or zo.perturb=partition")

@@ -24,7 +24,8 @@ from .config import ZOConfig
 from . import distributed
 from .distributed import all_reduce, world
 from .partitions import Partitions, gathered_bytes, release_cpu_shm_names
-from .perturb import Block, ReadPerturbation
+from .estimators import local_blocks, n_blocks, projected_gradients, step_loss
+from .perturb import ReadPerturbation, pair_order
 from .profile import StepProfile, Stopwatch, peak_memory
 from .trajectory import LogError, LogHeader, StepRecord, TrajectoryLog, read_log
 from .update import Update, WeightState, derive_seed
@@ -60,7 +61,7 @@ def causal_lm_loss(forward: Callable, batch: dict) -> tuple[torch.Tensor, torch.
 class StepResult:
     step: int
     loss_plus: float   # global mean loss at theta + eps z (first perturbation)
-    loss_minus: float  # global mean loss at theta - eps z
+    loss_minus: float  # global mean loss at theta - eps z (fzoo: at theta, the clean block)
     g: tuple[float, ...]  # projected gradient per perturbation (after clipping; 0 if skipped)
     seeds: tuple[int, ...]
     lr: float             # this step's learning rate (after the schedule)
@@ -68,10 +69,13 @@ class StepResult:
     update: tuple[tuple[int, float], ...] = ()  # the (seed, coefficient) streams of the update
     decay: float = 0.0    # theta <- (1 - decay) * theta on >= 2-D parameters
     profile: StepProfile | None = None  # this rank's time, edits, gathered bytes and peak memory
+    losses: tuple[float, ...] = ()  # every block's global mean loss (estimators.py: the blocks' order)
+    estimator: str = "spsa"
 
     @property
     def loss(self) -> float:
-        return 0.5 * (self.loss_plus + self.loss_minus)
+        """spsa: the mean of L+ and L- of the first perturbation; fzoo: the clean loss."""
+        return step_loss(self.estimator, self.losses) if self.losses else 0.5 * (self.loss_plus + self.loss_minus)
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,16 @@ class ZOEngine:
             raise ValueError(f"zo.lr_schedule={zo.lr_schedule} decays to 0 at zo.total_steps: set zo.total_steps > 0 "
                              "(the trainer sets it to train.steps)")
         self.rank, self.world_size = world()
+        # perturbation parallelism: ranks p = rank % P of a data group evaluate the seeds j = p (mod P) of the
+        # step on the same data shard; data groups d = rank // P take different shards
+        P = zo.perturb_parallel
+        if self.world_size % P:
+            raise ValueError(f"zo.perturb_parallel={P} does not divide the world size {self.world_size}; pick a "
+                             "divisor (ranks of one data group evaluate different perturbations)")
+        if P > 1 and self.perturb != "forward":
+            raise ValueError("zo.perturb_parallel > 1 needs zo.perturb=forward, which this model does not get (not a "
+                             "HF/peft language model): set zo.perturb=forward if its batch rows are independent")
+        self.pgroup, self.data_shard = self.rank % P, (self.rank // P, self.world_size // P)
         self.device = ds_engine.device if ds_engine is not None else next(module.parameters()).device
         self.perturb = zo.resolved_perturb(rowwise=_rowwise(module))
         # collective when zo.sparse_keep < 1 (one small all-reduce per bisection round): every rank, here
@@ -191,47 +205,48 @@ class ZOEngine:
         watch, edited = Stopwatch(self.device), self.state.edited
         if self.parts.zero3:
             gathered_bytes()  # drop what came before this step (evaluation, export): the profile is the step's
-        sums = torch.zeros(2 * zo.q + 1, dtype=torch.float64)
+        # this rank's blocks: every block of its share of the seeds (all of them unless perturbation-parallel)
+        mine = list(range(self.pgroup, zo.q, zo.perturb_parallel))
+        blocks, where = local_blocks(zo.estimator, seeds, zo.eps, mine)
+        K = n_blocks(zo.estimator, zo.q)
+        # sums and counts of every block of the step (zeros where another rank evaluates it): one all-reduce
+        sc = torch.zeros(2 * K, dtype=torch.float64)
         if self.read is not None:
-            # one forward over 2q blocks of the stacked batch: +eps z_j for block j, -eps z_j for block q + j;
-            # the partition holds theta (the last step's update was applied when it ended)
+            # one forward over the K blocks of the stacked batch; the partition holds theta (the last step's
+            # update was applied when it ended)
             faults.crash_point("perturbed", t)  # crash tests: die inside a step (inert otherwise)
-            blocks = [Block(((s, sign * zo.eps),)) for sign in (1.0, -1.0) for s in seeds]
             with watch.phase("forward"):
-                sums[:-1], count = self.read.losses(self.loss_fn, self.forward, [self._to_device(m) for m in micro],
-                                                    blocks)
-        for j, s in enumerate(seeds if self.read is None else ()):
-            # pass 1 of j: (pending update) + restore + show theta + eps z_j
+                sums, count = self.read.losses(self.loss_fn, self.forward, [self._to_device(m) for m in micro],
+                                               blocks)
+            sc[where] = sums
+            sc[[K + k for k in where]] = count
+        for n_done, k in enumerate(pair_order(blocks) if self.read is None else ()):
+            # show block k: (pending update, the first time) + restore + theta + its terms; a block that is the
+            # reflection of the one before it (-eps z after +eps z) is a reflection pass (update.py)
             with watch.phase("edit"):
-                self.state.transition(self._pending if j == 0 else None, [(s, zo.eps)])
+                self.state.transition(self._pending if n_done == 0 else None, list(blocks[k].terms))
             self._pending = None
-            faults.crash_point("perturbed", t)  # crash tests: die holding theta + eps z (inert otherwise)
+            if n_done == 0:
+                faults.crash_point("perturbed", t)  # crash tests: die holding theta + eps z (inert otherwise)
             with watch.phase("forward"):
-                sums[j], count = self._losses(micro)
-            # pass 2 of j: show theta - eps z_j
-            with watch.phase("edit"):
-                self.state.transition(None, [(s, -zo.eps)])
-            with watch.phase("forward"):
-                sums[zo.q + j], _ = self._losses(micro)
-        sums[-1] = count
+                sc[where[k]], sc[K + where[k]] = self._losses(micro)
         if faults.hit("nan", t) or faults.hit("inf", t):  # fault injection (tests): a bad loss on this rank
-            sums[0] = math.nan if faults.hit("nan", t) else math.inf
-        if not bool(torch.isfinite(sums).all()):
+            sc[where[0]] = math.nan if faults.hit("nan", t) else math.inf
+        if not bool(torch.isfinite(sc).all()):
             # only this rank knows its own loss was bad: say which rank, the step is skipped below
-            _log.warning("zo_deepspeed: rank %d: non-finite loss at step %d (local L+/L- sums %s)", self.rank, t,
-                         sums[:-1].tolist())
-        sums = self.all_reduce(sums)
-        n = float(sums[-1])
-        if n <= 0:
+            _log.warning("zo_deepspeed: rank %d: non-finite loss at step %d (local block loss sums %s)", self.rank, t,
+                         sc[where].tolist())
+        sc = self.all_reduce(sc)
+        if not bool((sc[K:] > 0).all()):
             raise ValueError("the batch has no loss positions on any rank (all labels are -100?)")
-        lp = [float(sums[j]) / n for j in range(zo.q)]
-        lm = [float(sums[zo.q + j]) / n for j in range(zo.q)]
-        g = [(a - b) / (2 * zo.eps) for a, b in zip(lp, lm)]
+        losses = [float(sc[k] / sc[K + k]) for k in range(K)]
+        g = projected_gradients(zo.estimator, losses, zo.eps)
         skipped = not all(math.isfinite(x) for x in g)
         if skipped:
             g = [0.0] * zo.q
         elif zo.max_abs_g > 0:
             g = [max(-zo.max_abs_g, min(zo.max_abs_g, x)) for x in g]
+        lp, lm = (losses[0], losses[zo.q]) if zo.estimator == "spsa" else (losses[1], losses[0])
         lr = lr_at(zo.lr, zo.lr_schedule, t, zo.warmup_steps, zo.total_steps)
         terms, decay = (), 0.0
         if skipped:
@@ -247,7 +262,7 @@ class ZOEngine:
         skips = self._skips + 1 if skipped else 0
         if skipped and self.rank == 0:
             _log.warning("zo_deepspeed: step %d skipped on every rank: non-finite loss (L+=%s, L-=%s); "
-                         "weights not updated (%d skipped in a row)", t, lp[0], lm[0], skips)
+                         "weights not updated (%d skipped in a row)", t, lp, lm, skips)
         if skipped and 0 < zo.max_consecutive_skips <= skips:
             # the step does not complete: it is neither logged nor counted (a resume runs it again)
             raise RuntimeError(f"stopping: {skips} consecutive steps had a non-finite loss "
@@ -256,7 +271,7 @@ class ZOEngine:
         profile = StepProfile(watch.totals.get("forward", 0.0), watch.totals.get("edit", 0.0),
                               self.state.edited - edited, gathered_bytes() if self.parts.zero3 else None,
                               *peak_memory(self.device))
-        res = StepResult(t, lp[0], lm[0], tuple(g), seeds, lr, skipped, terms, decay, profile)
+        res = StepResult(t, lp, lm, tuple(g), seeds, lr, skipped, terms, decay, profile, tuple(losses), zo.estimator)
         if self.log is not None:
             self.log.append(StepRecord.from_result(res, eps=zo.eps, weight_decay=zo.weight_decay,
                                                    example_ids=example_ids if example_ids is not None else ()))

@@ -210,7 +210,7 @@ class ReadPerturbation:
         tau = None if self.thresholds is None else self.thresholds[key]
         out = torch.empty((*ids.shape, dim), dtype=theta.dtype, device=theta.device)
         last = None
-        for k in _pair_order(blocks):
+        for k in pair_order(blocks):
             rows_ids = ids[k * b:(k + 1) * b].reshape(-1)
             base = theta[rows_ids].reshape(-1)
             if _mirrors(blocks, last, k) and torch.equal(rows_ids, ids[last * b:(last + 1) * b].reshape(-1)):
@@ -255,7 +255,7 @@ class ReadPerturbation:
                 for (_, p), v in zip(own, views):
                     p.data = v
                 last = None
-                for k in _pair_order(blocks):
+                for k in pair_order(blocks):
                     self._fill(views, gathered, keys, blocks[k], _mirrors(blocks, last, k))
                     last = k
                     rows = slice(k * b, (k + 1) * b)
@@ -273,7 +273,7 @@ class ReadPerturbation:
         return read_forward
 
 
-def _pair_order(blocks: Sequence[Block]) -> list[int]:
+def pair_order(blocks: Sequence[Block]) -> list[int]:
     """Block indices with each block followed by its mirror (same seed, opposite coefficient), if any."""
     order, done = [], set()
     for k, blk in enumerate(blocks):

@@ -111,7 +111,7 @@ class Trainer:
         """One ZO step on this rank's share of the step's global batch, in ``grad_accum`` micro-batches."""
         t, train = self.cfg.train, self.setup.splits["train"]
         ids = batch_indices(self.cfg.zo.seed, self.engine.step_count, len(train), t.batch_size)
-        mine = [train[i] for i in shard(ids)]
+        mine = [train[i] for i in shard(ids, *self.engine.data_shard)]  # this rank's data group's share
         micro = [self.objective.batch([mine[i] for i in shard_range(len(mine), k, t.grad_accum)])
                  for k in range(t.grad_accum)]
         return self.engine.step(micro, example_ids=[train[i].id for i in ids])

@@ -91,6 +91,7 @@ class StepRecord:
     # replay applies it as written, whatever rule produced it
     update: tuple[tuple[int, float], ...] = ()
     decay: float = 0.0
+    losses: tuple[float, ...] = ()  # every block's loss (zo_deepspeed/estimators.py); logs before it: ()
 
     @property
     def q(self) -> int:
@@ -101,7 +102,8 @@ class StepRecord:
         """The record of an engine step (a :class:`zo_deepspeed.engine.StepResult`)."""
         return cls(step=res.step, seeds=tuple(res.seeds), g=tuple(res.g), lr=res.lr, weight_decay=weight_decay,
                    eps=eps, loss_plus=res.loss_plus, loss_minus=res.loss_minus, skipped=res.skipped,
-                   example_ids=tuple(example_ids), update=tuple(res.update), decay=res.decay)
+                   example_ids=tuple(example_ids), update=tuple(res.update), decay=res.decay,
+                   losses=tuple(res.losses))
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -114,7 +116,8 @@ class StepRecord:
                    lr=float(d["lr"]), weight_decay=float(d["weight_decay"]), eps=float(d["eps"]),
                    loss_plus=float(d["loss_plus"]), loss_minus=float(d["loss_minus"]),
                    skipped=bool(d.get("skipped", False)), example_ids=tuple(d.get("example_ids", ())),
-                   update=tuple((int(u[0]), float(u[1])) for u in d["update"]), decay=float(d.get("decay", 0.0)))
+                   update=tuple((int(u[0]), float(u[1])) for u in d["update"]), decay=float(d.get("decay", 0.0)),
+                   losses=tuple(float(x) for x in d.get("losses", ())))
 
 
 class Trajectory(NamedTuple):

@@ -107,9 +107,9 @@ def _blank_or_cwd(path: str | os.PathLike, key: str) -> Path:
     if not text.strip():
         raise OutputRefused(f"{key} is empty: that would write into the current directory; name a new folder "
                             f"(e.g. {_example(key)})")
-    p = Path(text).expanduser().absolute()
+    p = Path(os.path.abspath(Path(text).expanduser()))  # normalised: "runs/.." is the current directory
     at = show_setting(key, text)
-    cwd = Path.cwd().absolute()
+    cwd = Path(os.path.abspath(Path.cwd()))
     if p == cwd or p in cwd.parents or p == Path(p.anchor):
         raise OutputRefused(f"{at} is the current directory (or a parent of it): the output would mix "
                             f"with the files there; name a new folder inside it (e.g. {_example(key)})")
@@ -173,11 +173,11 @@ def check_output_file(path: str | os.PathLike, key: str, inputs: Iterable[tuple[
         raise OutputRefused(f"{key} is empty; name the image file to write (e.g. {key} curves.png)")
     p = Path(text).expanduser().absolute()
     at = show_setting(key, path)
+    if p.is_dir():
+        raise OutputRefused(f"{at} is a directory; pass a file name such as {Path(text) / 'curves.png'}")
     for name, src in inputs:
         if _same_or_nested(p, Path(src)):
             raise OutputRefused(f"{at} is the {name}; pass a new file name for {key}")
-    if p.is_dir():
-        raise OutputRefused(f"{at} is a directory; pass a file name such as {Path(text) / 'curves.png'}")
     suffix = p.suffix.lower()
     if suffix not in PLOT_FORMATS:
         raise OutputRefused(f"{at}: unknown image type {p.suffix or '(no suffix)'!r}; end the name in "

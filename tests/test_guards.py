@@ -544,3 +544,36 @@ def test_undo_of_a_refused_start_removes_only_what_it_created(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     os.execv(sys.executable, [sys.executable, "-m", "pytest", "-q", __file__])
+
+
+@pytest.mark.parametrize("exc,code,needle", [
+    (OSError(28, "No space left on device", "/runs/x/checkpoints/step_3"), 2,
+     "No space left on device: /runs/x/checkpoints/step_3; free some space"),
+    (OSError(30, "Read-only file system", "/ro/run/.lock"), 2, "Read-only file system: /ro/run/.lock; the file system"),
+    (IsADirectoryError(21, "Is a directory", "/data/train.jsonl"), 2, "it is a directory where a file is expected"),
+    (NotADirectoryError(20, "Not a directory", "/a_file/run"), 2, "a part of it is a file where a directory"),
+    (KeyboardInterrupt(), 130, "interrupted (Ctrl-C)"),
+])
+def test_cli_one_error_path(monkeypatch, capsys, exc, code, needle):
+    """Expected failures (the file system, Ctrl-C outside the loop) end as one line; a bug keeps its traceback."""
+    from zo_deepspeed import cli
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.delenv("ZO_DEEPSPEED_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "_plot", boom)
+    assert cli.main(["plot", "--run-dir", "x"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zo-deepspeed plot: ") and needle in err[0], err
+
+
+def test_cli_unexpected_errors_keep_their_traceback(monkeypatch):
+    from zo_deepspeed import cli
+
+    def bug(args):
+        return {}["seeds"]
+
+    monkeypatch.setattr(cli, "_plot", bug)
+    with pytest.raises(KeyError):
+        cli.main(["plot", "--run-dir", "x"])

@@ -165,15 +165,17 @@ def prepare_run(cfg: RunConfig, run_dir: Path | None = None, splits: tuple[str, 
                 ) -> RunSetup:
     """Join the process group and read and check everything the run needs; the setup holds the
     resolved config. ``run_dir``: a training run's directory (DeepSpeed's monitors are pointed into it);
-    None for eval/export/replay. ``splits`` ("test",): only the test split is read (eval, export), so its
-    train and dev files need not exist; the others are then empty."""
+    None for eval/export/replay. ``splits`` ("test",): only the test split is read (eval), so its train and
+    dev files need not exist; (): no data at all (export); the splits not read are empty."""
     from .run_config import resolve_run_config
     from .tasks import build_splits, get_task
 
     cfg = resolve_run_config(cfg)  # objective auto -> the task's; zo.total_steps 0 -> train.steps
     rank, world = distributed.setup()
     task = get_task(cfg.data.task)
-    if tuple(splits) == ("test",):
+    if not splits:  # export: the model and its tokenizer only
+        splits = {"train": [], "dev": [], "test": []}
+    elif tuple(splits) == ("test",):
         from .tasks.sampling import sample_examples
 
         # the test part of build_splits (drawn with its fixed test_seed 0), without reading train/dev

@@ -214,7 +214,9 @@ def _read_state(ckpt: Path) -> dict:
     path = Path(ckpt) / "state.json"
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-        int(state["step"])
+        int(state["step"]), int(state["world_size"]), state["layout"], state["restore"]
+        if not isinstance(state["files"], dict) or not isinstance(state["engine"], dict):
+            raise TypeError
         return state
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise ValueError(f"{path} is damaged (not the JSON state of a checkpoint); delete {Path(ckpt)} to resume "

@@ -106,7 +106,11 @@ def _load_cfg(args, resume: bool = False):
     if getattr(args, "ds_config", None):
         overrides.append(f"deepspeed={args.ds_config}")
     if resume and args.config is None:  # the run's own config.json, read in memory
-        out = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir=")), "runs/default")
+        from .guard import check_run_dir
+
+        out = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("train.output_dir=")),
+                   "runs/default")
+        check_run_dir(out, resume=True)  # not empty, not the cwd, not a model folder: before reading its config.json
         saved = Path(out) / "config.json"
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {saved} not found; pass the run's train.output_dir")
@@ -186,7 +190,7 @@ def _export(args) -> int:
     from .run_config import load_saved_run_config
 
     cfg = load_saved_run_config(run / "config.json")
-    s = prepare_run(cfg, splits=("test",))
+    s = prepare_run(cfg, splits=())  # the model and its tokenizer: an export reads no task data
     eng = build_engine(s)
     info = resume(eng, run)
     export_hf(eng, out, s.tokenizer)

@@ -11,6 +11,11 @@ Every reader goes through :func:`read_log`, which verifies the format, the z-str
 replayed with another stream would give other weights without any error), that the records parse
 and that their steps run 0, 1, 2, ... without a gap, and, given the base model's folder, that the
 log was recorded on those weights.
+
+A resume from a checkpoint at step n keeps only records 0..n-1 (:func:`read_prefix`, :func:`truncate`): they
+must be whole and, when the checkpoint stored their :func:`records_digest`, be the ones it was trained with
+(:func:`check_against_checkpoint`). What follows them ran after the checkpoint and runs again, so a torn or
+damaged line there (a crash) is dropped with it and reported (:class:`Tail`); damage before step n is refused.
 """
 from __future__ import annotations
 

@@ -321,6 +321,57 @@ def replayed(model_dir, log, dtype=None):
     return eng.module
 
 
+# -- bad-input drivers: many CLI cases in one process --------------------------------------------------
+
+def snapshot(folder: Path) -> dict:
+    """Every path under ``folder`` -> its bytes (None for a folder): compared before and after a command."""
+    return {str(f.relative_to(folder)): (f.read_bytes() if f.is_file() else None) for f in sorted(folder.rglob("*"))}
+
+
+def drive_cases(spec_path: str, out_path: str) -> None:
+    """Each [id, argv] of the spec through zo_deepspeed.cli.main in this one process, stderr captured
+    (argparse errors exit via SystemExit); writes {id: [exit status or "traceback", stderr, stdout]}."""
+    import contextlib
+    import io
+    import traceback
+
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    from zo_deepspeed.cli import main
+
+    out = {}
+    for cid, argv in json.loads(Path(spec_path).read_text()):
+        err, std = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - a traceback is a failed case, reported as such
+                traceback.print_exc()
+                rc = "traceback"
+        out[cid] = [rc, err.getvalue(), std.getvalue()]
+    Path(out_path).write_text(json.dumps(out))
+
+
+def run_cases(spec: list, root: Path, timeout: int = 900) -> dict:
+    """``drive_cases`` in a fresh process (cwd ``root``) on ``spec``; returns its {id: [rc, stderr, stdout]}."""
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = repo_env()
+    env.pop("ZO_DEEPSPEED_DEBUG", None)
+    p = subprocess.run([sys.executable, __file__, "drive", str(root / "spec.json"), str(root / "out.json")], env=env,
+                       capture_output=True, text=True, timeout=timeout, cwd=root)
+    assert p.returncode == 0, p.stderr[-5000:]
+    return json.loads((root / "out.json").read_text())
+
+
+def one_error_line(cmd: str, rc, err: str) -> str:
+    """The one ``zo-deepspeed CMD: error: ...`` line of a refused command (asserts exit 2, no traceback)."""
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"zo-deepspeed {cmd}: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, f"exit {rc}:\n{err[-3000:]}"
+    assert len(lines[0]) < 500, lines[0]  # one readable line, not a dump
+    return lines[0]
+
+
 # -- what a run directory holds -------------------------------------------------------------------------
 
 def read_metrics(run: Path) -> list[dict]:
@@ -359,3 +410,8 @@ def read_checkpoint(run: Path, name: str | None = None) -> dict:
 
     ck = run / "checkpoints" / (name or (run / "checkpoints" / "latest").read_text().strip())
     return {(f.name, k): v for f in sorted(ck.glob("rank*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["drive"]:
+    sys.path.insert(0, str(REPO))
+    drive_cases(sys.argv[2], sys.argv[3])

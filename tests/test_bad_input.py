@@ -10,7 +10,6 @@ One case also runs as a real process to pin the exit status end to end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import repo_env, run_cli, tiny_llama
+from harness import drive_cases, repo_env, run_cli, tiny_llama
 
 TRAIN = ["model.path={m}", "data.num_train=8", "data.num_dev=4", "data.num_test=4", "data.max_length=64",
          "train.batch_size=4", "train.steps=1", "zo.compile=false", "train.output_dir={d}/run"]
@@ -130,7 +129,7 @@ def results(tiny_lm_dir, tmp_path_factory):
                        capture_output=True, text=True, timeout=600, cwd=root)
     assert p.returncode == 0, p.stderr[-5000:]
     out = json.loads((root / "out.json").read_text())
-    return {cid: (*out[cid], root / cid, before[cid]) for cid, *_ in CASES}
+    return {cid: (out[cid][0], out[cid][1], root / cid, before[cid]) for cid, *_ in CASES}
 
 
 @pytest.mark.parametrize("cid,argv,needle,files", CASES, ids=[c[0] for c in CASES])
@@ -162,29 +161,5 @@ def test_world_size_that_does_not_divide_the_batch():
         build_ds_config(cfg, 2, None)
 
 
-def _drive(spec_path: str, out_path: str) -> None:
-    """Each case through cli.main in this one process, stderr captured (argparse errors exit via SystemExit)."""
-    import contextlib
-    import io
-    import traceback
-
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    from zo_deepspeed.cli import main
-
-    out = {}
-    for cid, argv in json.loads(Path(spec_path).read_text()):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                rc = main(argv)
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else 1
-            except BaseException:  # noqa: BLE001 - a traceback is a failed case, reported as such
-                traceback.print_exc()
-                rc = "traceback"
-        out[cid] = [rc, err.getvalue()]
-    Path(out_path).write_text(json.dumps(out))
-
-
 if __name__ == "__main__":
-    _drive(sys.argv[1], sys.argv[2])
+    drive_cases(sys.argv[1], sys.argv[2])

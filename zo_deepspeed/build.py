@@ -15,20 +15,31 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .modelcheck import check_model_files
 from .run_config import DEFAULT_DS_CONFIG, DEFAULT_DS_CONFIG_ONE_RANK, RunConfig
 
 __all__ = ["RunSetup", "prepare_run", "build_engine", "build_ds_config", "load_tokenizer", "resolve_model_path",
-           "check_writable", "RunLock"]
+           "check_model_files", "check_writable", "RunLock"]
 
 
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, key: str = "model.path") -> str:
     if path == "default":
         from .models import ensure_default_model
 
         return str(ensure_default_model())
-    if not Path(path).is_dir() or not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"model.path={path!r} is not an HF model folder (no config.json); "
-                                "pass a local folder or 'default'")
+    from .guard import is_run_dir, show_setting
+
+    p = Path(path)
+    at = show_setting(key, path)
+    if is_run_dir(p):
+        fix = (f"its trained model is {p / 'export'}: pass {key}={p / 'export'}"
+               if (p / "export" / "config.json").exists()
+               else f"write its model first: zo-deepspeed export --run-dir {path} --out DIR")
+        raise FileNotFoundError(f"{at} is a zo-deepspeed run directory, not a model folder; {fix}")
+    if not p.is_dir() or not (p / "config.json").exists():
+        what = "is a file" if p.is_file() else "does not exist" if not p.exists() else "has no config.json"
+        raise FileNotFoundError(f"{at} is not an HF model folder ({what}); pass a local folder with "
+                                "config.json and weights, or 'default'")
     return path
 
 
@@ -150,20 +161,32 @@ class RunSetup:
         return self.rank == 0
 
 
-def prepare_run(cfg: RunConfig, run_dir: Path | None = None) -> RunSetup:
+def prepare_run(cfg: RunConfig, run_dir: Path | None = None, splits: tuple[str, ...] = ("train", "dev", "test")
+                ) -> RunSetup:
     """Join the process group and read and check everything the run needs; the setup holds the
     resolved config. ``run_dir``: a training run's directory (DeepSpeed's monitors are pointed into it);
-    None for eval/export/replay."""
+    None for eval/export/replay. ``splits`` ("test",): only the test split is read (eval), so its train and
+    dev files need not exist; (): no data at all (export); the splits not read are empty."""
     from .run_config import resolve_run_config
     from .tasks import build_splits, get_task
 
     cfg = resolve_run_config(cfg)  # objective auto -> the task's; zo.total_steps 0 -> train.steps
     rank, world = distributed.setup()
     task = get_task(cfg.data.task)
-    splits = build_splits(task, cfg.data.data_dir, seed=cfg.zo.seed, num_train=cfg.data.num_train,
-                          num_dev=cfg.data.num_dev, num_test=cfg.data.num_test,
-                          k_per_class=cfg.data.k_per_class or None)
+    if not splits:  # export: the model and its tokenizer only
+        splits = {"train": [], "dev": [], "test": []}
+    elif tuple(splits) == ("test",):
+        from .tasks.sampling import sample_examples
+
+        # the test part of build_splits (drawn with its fixed test_seed 0), without reading train/dev
+        test = sample_examples(task.load_split(task.test_source, cfg.data.data_dir), cfg.data.num_test, 0)
+        splits = {"train": [], "dev": [], "test": test}
+    else:
+        splits = build_splits(task, cfg.data.data_dir, seed=cfg.zo.seed, num_train=cfg.data.num_train,
+                              num_dev=cfg.data.num_dev, num_test=cfg.data.num_test,
+                              k_per_class=cfg.data.k_per_class or None)
     model_path = resolve_model_path(cfg.model.path)
+    check_model_files(model_path)  # config.json and the weights' names and shapes agree, before any load
     tokenizer = load_tokenizer(model_path)
     check_model_inputs(model_path, tokenizer, cfg.data.max_length)
     ds_config = build_ds_config(cfg, world, run_dir)

@@ -23,10 +23,21 @@ from .distributed import barrier, world
 from .faults import crash_point
 from .fsutil import atomic_write_text, fsync_dir
 from .partitions import iter_full_params
-from .trajectory import read_log
+from .trajectory import LogError, Tail, check_against_checkpoint, read_prefix, records_digest
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resume", "export_hf", "CheckpointMismatch",
-           "CheckpointInfo"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resume", "verify_resume", "export_hf",
+           "CheckpointMismatch", "CheckpointInfo", "ResumePlan"]
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a resume of a run directory will do, verified before any model is built (:func:`verify_resume`)."""
+
+    checkpoint: Path | None  # the latest complete checkpoint (None: none yet)
+    step: int                # its step (0: the base weights)
+    logged: int              # whole records in the log (steps 0..logged-1; 0 when there is no log)
+    tail: Tail | None        # what a truncation to ``step`` drops (None: no log)
+    digest: str | None       # the checkpoint's digest of records 0..step-1 (None: not recorded)
 
 
 class CheckpointMismatch(RuntimeError):
@@ -92,6 +103,11 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None, keep: int 
         state = {"step": step, **layout.to_dict(),
                  "files": {(_rank_file(r, size)): d for r, d in enumerate(digests) if d is not None},
                  "engine": engine.state_dict(), "extra": extra or {}}
+        log = getattr(engine, "log", None)
+        if log is not None:  # the records this checkpoint was trained with: resume checks the log against them
+            (_, records), _ = read_prefix(log.path, step)
+            check_against_checkpoint(log.path, records, step, None, final.name)
+            state["log"] = {"file": log.path.name, "records": step, "sha256": records_digest(records)}
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
         crash_point("ckpt_rename", step)
         # `final` exists only when this step is saved again (after a resume); a crash between these
@@ -133,11 +149,48 @@ def load_checkpoint(engine, ckpt: Path) -> CheckpointInfo:
     return CheckpointInfo(Path(ckpt), int(state["step"]), state.get("extra", {}))
 
 
+def verify_resume(run_dir: Path, base: str | Path | None = None, adapter: dict | None = None,
+                  log_name: str = "trajectory.jsonl") -> ResumePlan:
+    """Read-only check that a run directory can be resumed, before any model is built: the latest
+    checkpoint's state parses, and the trajectory log (the run's ground truth) is whole up to the
+    checkpoint's step and holds the records the checkpoint was trained with; ``base`` (the model folder)
+    is the base model the log was recorded on; ``adapter`` (an AdapterConfig as a dict) is the run's.
+    Records after the checkpoint, a torn last line among them, are what a resume drops (they run again)."""
+    run_dir = Path(run_dir)
+    last = latest_checkpoint(run_dir)
+    state = _read_state(last) if last is not None else None
+    step = int(state["step"]) if state is not None else 0
+    digest = ((state.get("log") or {}).get("sha256")) if state is not None else None
+    log = run_dir / log_name
+    if not log.exists() or (log.is_file() and log.stat().st_size == 0):  # empty: a crash before its header
+        if last is not None:
+            raise LogError(f"{log} is missing but {last.name} (step {step}) exists: the log is the run's ground truth "
+                           f"(replay, resume at another layout); restore it, or start a new run from this run's "
+                           f"export (model.path={run_dir / 'export'})")
+        return ResumePlan(None, 0, 0, None, None)
+    (header, records), tail = read_prefix(log, step)
+    check_against_checkpoint(log, records, step, digest, last.name if last is not None else "(none)")
+    if base is not None:
+        header.check_base(base, str(log))
+    if adapter is not None:
+        from .adapters import AdapterConfig
+
+        was, now = AdapterConfig.from_dict(header.adapter), AdapterConfig.from_dict(adapter)
+        if was != now and "none" not in (was.mode, now.mode) or was.mode != now.mode:
+            diff = [f"adapter.{k}={getattr(was, k)!r} (now {getattr(now, k)!r})" for k in was.to_dict()
+                    if getattr(was, k) != getattr(now, k)]
+            raise ValueError(f"{run_dir} was trained with {', '.join(diff[:3])}: a resume continues the run's own "
+                             "adapter; drop the adapter.* overrides (or start a new run)")
+    return ResumePlan(last, step, len(records) + tail.dropped - (1 if tail.torn else 0), tail, digest)
+
+
 def resume(engine, run_dir: Path) -> CheckpointInfo:
     """Collective. Bring ``engine`` (built on the base weights) to the run's latest checkpoint: the one
     path every resume takes. The weights come from the checkpoint's own tensors when it was written at
-    this world size and layout, else from the run's trajectory log replayed up to its step; the state
-    comes from the checkpoint's ``engine.state_dict()`` either way."""
+    this world size and layout, else from the run's trajectory log replayed up to its step (verified
+    against the checkpoint first: :func:`verify_resume`); the state comes from the checkpoint's
+    ``engine.state_dict()`` either way. A training resume verifies the log up front as well (the trainer
+    calls :func:`verify_resume` before it builds the engine); an export needs no log at the same layout."""
     last = latest_checkpoint(run_dir)
     if last is None:
         return CheckpointInfo(None, 0, {}, "base")
@@ -147,11 +200,10 @@ def resume(engine, run_dir: Path) -> CheckpointInfo:
         how = "checkpoint"
     except CheckpointMismatch:
         step = int(state["step"])
-        records = read_log(Path(run_dir) / "trajectory.jsonl").records
-        if len(records) < step:
-            raise ValueError(f"{run_dir}/trajectory.jsonl holds {len(records)} steps but {last.name} is at step "
-                             f"{step}: the log cannot rebuild the checkpoint at this layout; resume at world size "
-                             f"{state['world_size']} or restore the run's trajectory.jsonl") from None
+        plan = verify_resume(run_dir)
+        if plan.checkpoint != last:
+            raise ValueError(f"{run_dir}: the latest checkpoint changed while it was read; run again") from None
+        (_, records), _ = read_prefix(Path(run_dir) / "trajectory.jsonl", step)
         engine.replay(records[:step])
         how = "replay"
     engine.load_state_dict(state["engine"])
@@ -159,7 +211,16 @@ def resume(engine, run_dir: Path) -> CheckpointInfo:
 
 
 def _read_state(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "state.json").read_text())
+    path = Path(ckpt) / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        int(state["step"]), int(state["world_size"]), state["layout"], state["restore"]
+        if not isinstance(state["files"], dict) or not isinstance(state["engine"], dict):
+            raise TypeError
+        return state
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is damaged (not the JSON state of a checkpoint); delete {Path(ckpt)} to resume "
+                         "from the previous checkpoint") from None
 
 
 def _load_tensors(engine, ckpt: Path, state: dict) -> None:
@@ -183,7 +244,16 @@ def _load_tensors(engine, ckpt: Path, state: dict) -> None:
     if bad:
         raise ValueError(f"checkpoint {ckpt}: {', '.join(sorted(set(bad)))} missing or fails its sha256 checksum "
                          f"(corrupt or truncated); delete {ckpt} to resume from the previous checkpoint")
-    engine.load_local_tensors(load_file(str(path)))
+    try:
+        engine.load_local_tensors(load_file(str(path)))
+    except KeyError as e:  # another model or adapter than the run's (same layout)
+        raise ValueError(f"checkpoint {ckpt} has no tensor {e.args[0]!r} of this run's model: it was written for "
+                         "another model or adapter; resume with the run's own model.path and adapter settings") \
+            from None
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"checkpoint {ckpt} does not fit this run's model ({first}); resume with the run's own "
+                         "model.path and adapter settings") from None
 
 
 def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 << 30) -> Path:
@@ -199,8 +269,21 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
     engine.flush()
     view = export_view(engine.module)  # None: no adapter
     stem = view.stem if view else "model"
-    rank, _ = world()
+    from .guard import MARKER, OutputRefused, check_output_dir, marker_text
+
+    rank, size = world()
     out_dir = Path(out_dir)
+    # never replace a folder this project did not write (a model folder, the user's files): rank 0 decides
+    refusal = [None]
+    if rank == 0:
+        try:
+            check_output_dir(out_dir, "out_dir")
+        except OutputRefused as e:
+            refusal = [str(e)]
+    if size > 1:
+        torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise OutputRefused(refusal[0])
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,6 +330,7 @@ def export_hf(engine, out_dir: Path, tokenizer=None, max_shard_bytes: int = 2 <<
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / MARKER, marker_text("export", step=engine.step_count))
         crash_point("export", engine.step_count)
         # a folder cannot be swapped atomically: move the old export aside, the new one in, then delete
         # the old. A crash in between leaves complete .NAME.old and .NAME.tmp folders, never a mixed one.

@@ -7,6 +7,7 @@ and a non-zero exit status, not a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -48,11 +49,36 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Expected failures: bad input, a refused write, a damaged file, the file system. Each ends as one line
+# ``zo-deepspeed CMD: error: ...`` and exit 2; anything else is a bug and keeps its traceback.
+EXPECTED = (ValueError, OSError, RuntimeError)
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+_OS_FIXES = {
+    errno.ENOSPC: "free some space (or pick another train.output_dir); a training run continues with --resume",
+    errno.EDQUOT: "free some space within your quota; a training run continues with --resume",
+    errno.EROFS: "the file system is read-only: pick a writable folder",
+    errno.EACCES: "pick a folder you may write (or fix its permissions)",
+    errno.EPERM: "pick a folder you may write (or fix its permissions)",
+    errno.EISDIR: "it is a directory where a file is expected: pass a file",
+    errno.ENOTDIR: "a part of it is a file where a directory is expected: pass a folder path",
+    errno.ENOENT: "check the path",
+}
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        where = f" {e.filename}" if e.filename else ""
+        fix = _OS_FIXES.get(e.errno, "check the path and the file system")
+        return f"{e.strerror}:{where}; {fix}" if "[Errno" in str(e) else f"{str(e).splitlines()[0]}; {fix}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd is None:
         _parser().print_help()
-        return 2
+        return EXIT_ERROR
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     from .console import quiet_known_noise
 
@@ -60,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": _train, "eval": _eval, "replay": _replay, "export": _export, "plot": _plot,
                 "plan": _plan}[args.cmd](args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
+    except EXPECTED as e:
         if os.environ.get("ZO_DEEPSPEED_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"zo-deepspeed {args.cmd}: error: {msg}", file=sys.stderr)
-        return 2
+        print(f"zo-deepspeed {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits 130 itself)
+        if os.environ.get("ZO_DEEPSPEED_DEBUG"):
+            raise
+        what = "a resumed run continues from its last checkpoint" if args.cmd == "train" else "nothing was written"
+        print(f"zo-deepspeed {args.cmd}: interrupted (Ctrl-C); {what}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _load_cfg(args, resume: bool = False):
@@ -75,7 +106,11 @@ def _load_cfg(args, resume: bool = False):
     if getattr(args, "ds_config", None):
         overrides.append(f"deepspeed={args.ds_config}")
     if resume and args.config is None:  # the run's own config.json, read in memory
-        out = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir=")), "runs/default")
+        from .guard import check_run_dir
+
+        out = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("train.output_dir=")),
+                   "runs/default")
+        check_run_dir(out, resume=True)  # not empty, not the cwd, not a model folder: before reading its config.json
         saved = Path(out) / "config.json"
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {saved} not found; pass the run's train.output_dir")
@@ -93,7 +128,8 @@ def _train(args) -> int:
         z, f = summary.get("zero_shot"), summary["final"]
         if z is not None:
             print(f"zero-shot {z.metric}: {z.value:.4f}")
-        print(f"fine-tuned {f.metric}: {f.value:.4f}  ({tr.engine.step_count} ZO steps; run dir {tr.run_dir})")
+        model = f"; model {tr.run_dir / 'export'}" if tr.cfg.train.export else ""
+        print(f"fine-tuned {f.metric}: {f.value:.4f}  ({tr.engine.step_count} ZO steps; run dir {tr.run_dir}{model})")
     return 0
 
 
@@ -102,7 +138,10 @@ def _eval(args) -> int:
     from .evaluate import Evaluator
 
     cfg = _load_cfg(args)
-    s = prepare_run(cfg)
+    s = prepare_run(cfg, splits=("test",))  # eval reads the test split only (no train/dev files needed)
+    if not s.splits["test"]:
+        raise ValueError(f"task {cfg.data.task} has no test examples (data.num_test={cfg.data.num_test}); set "
+                         "data.num_test > 0")
     eng = build_engine(s)
     res = Evaluator(eng, s.task, s.tokenizer, cfg.data.max_length, cfg.train.eval_batch_size).evaluate(
         "test", s.splits["test"])
@@ -115,41 +154,48 @@ def _replay(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from . import distributed
-    from .build import build_ds_config, load_tokenizer, resolve_model_path
+    from .build import build_ds_config, check_model_files, load_tokenizer, resolve_model_path
     from .checkpoint import export_hf
     from .engine import replay
+    from .guard import check_output_dir
     from .run_config import RunConfig, TrainConfig
     from .trajectory import read_log
 
-    path = resolve_model_path(args.model)
+    path = resolve_model_path(args.model, key="--model")
+    out = check_output_dir(args.out, "--out", inputs=[("base model", path), ("trajectory log", args.log)])
     # verified (format, z stream, contiguous steps, base fingerprint) before any model is built
     _, records = read_log(args.log, base=path)
+    check_model_files(path, key="--model")
     _, world = distributed.setup()
     rc = RunConfig(train=TrainConfig(batch_size=world), deepspeed=args.ds_config)
     eng = replay(lambda: AutoModelForCausalLM.from_pretrained(path), args.log, build_ds_config(rc, world, None),
                  base=path)
-    export_hf(eng, Path(args.out), load_tokenizer(path))
+    export_hf(eng, out, load_tokenizer(path))
     if eng.rank == 0:
-        print(f"replayed {len(records)} steps onto {path} -> {args.out}")
+        print(f"replayed {len(records)} steps of {args.log} onto {path} -> {out}")
     return 0
 
 
 def _export(args) -> int:
     from .build import build_engine, prepare_run
     from .checkpoint import export_hf, latest_checkpoint, resume
+    from .guard import check_output_dir
 
     run = Path(args.run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"--run-dir {run} is not a folder; pass the train.output_dir of a run")
     if latest_checkpoint(run) is None:
         raise FileNotFoundError(f"{run} has no checkpoint (checkpoints/latest); train first or pass the run dir")
+    out = check_output_dir(args.out, "--out", inputs=[("run directory", run)])
     from .run_config import load_saved_run_config
 
     cfg = load_saved_run_config(run / "config.json")
-    s = prepare_run(cfg)
+    s = prepare_run(cfg, splits=())  # the model and its tokenizer: an export reads no task data
     eng = build_engine(s)
     info = resume(eng, run)
-    export_hf(eng, Path(args.out), s.tokenizer)
+    export_hf(eng, out, s.tokenizer)
     if s.is_main:
-        print(f"exported step {info.step} of {run} -> {args.out}")
+        print(f"exported step {info.step} of {run} ({info.path.name}) -> {out}")
     return 0
 
 
@@ -165,13 +211,21 @@ def _plot(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .guard import check_output_file
+
     run = Path(args.run_dir)
     mpath = run / "metrics.jsonl"
-    if not mpath.exists():
-        raise FileNotFoundError(f"{mpath} not found; pass a run directory written by zo-deepspeed train")
-    recs = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
-    steps = [r for r in recs if "loss" in r]
-    evals = {k: [(r["step"], r[k]) for r in recs if k in r] for k in {k for r in recs for k in r if "/" in k}}
+    if not mpath.is_file():
+        what = "is a directory" if mpath.is_dir() else "not found"
+        raise FileNotFoundError(f"{mpath} {what}; pass a run directory written by zo-deepspeed train")
+    if args.out is None and not os.access(run, os.W_OK):
+        raise ValueError(f"{run} is not writable, so curves.png cannot go there; pass --out FILE.png")
+    out = check_output_file(args.out if args.out is not None else run / "curves.png", "--out",
+                            inputs=[("metrics file", mpath)])
+    recs = _read_metrics(mpath)
+    num = lambda r, k: isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)  # noqa: E731
+    steps = [r for r in recs if num(r, "loss") and num(r, "g")]
+    evals = {k: [(r["step"], r[k]) for r in recs if num(r, k)] for k in {k for r in recs for k in r if "/" in k}}
     fig, grid = plt.subplots(2, 3, figsize=(15, 8))
     axes = grid[0]
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
@@ -188,7 +242,7 @@ def _plot(args) -> int:
               ("peak memory (GiB)", ("memory/peak_device_gib", "memory/peak_rss_gib"))]
     for ax, (title, keys) in zip(grid[1], panels):
         for k in keys:
-            pts = [(r["step"], r[k]) for r in steps if k in r]
+            pts = [(r["step"], r[k]) for r in steps if num(r, k)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=k)
         ax.set(title=title, xlabel="step")
@@ -196,8 +250,40 @@ def _plot(args) -> int:
             ax.legend()
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-    out = Path(args.out) if args.out else run / "curves.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # a temporary sibling, renamed into place
+    try:
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:].lower())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({len(steps)} steps of {mpath})")
     return 0
+
+
+def _read_metrics(mpath: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; a torn last line (a crash mid-write) is skipped with a note,
+    any other malformed line is an error naming the file and line."""
+    from .fsutil import read_text
+
+    lines = read_text(mpath, "metrics file").splitlines()
+    recs = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            if i == len(lines):
+                print(f"zo-deepspeed plot: note: {mpath}:{i}: skipped a torn last line (a crash mid-write)",
+                      file=sys.stderr)
+                continue
+            raise ValueError(f"{mpath}:{i}: not a JSON record ({e.msg if hasattr(e, 'msg') else e}); pass the "
+                             "metrics.jsonl of a run (or delete that line)") from None
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+            raise ValueError(f"{mpath}:{i}: not a metrics record (an object with a 'step'); pass the metrics.jsonl "
+                             "of a run (or delete that line)")
+        recs.append(r)
+    if not recs:
+        raise ValueError(f"{mpath} holds no records yet; plot a run that has taken steps")
+    return recs

@@ -117,7 +117,9 @@ def load_ds_config(path_or_dict: str | Path | dict) -> dict:
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"
         raise FileNotFoundError(f"ds_config {p} {what}; pass a DeepSpeed JSON file (see ds_configs/README.md)")
-    text = p.read_text(encoding="utf-8")
+    from .fsutil import read_text
+
+    text = read_text(p, "ds_config")
     try:
         cfg = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:

@@ -6,7 +6,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "fsync_dir"]
+__all__ = ["atomic_write_text", "fsync_dir", "read_text", "DecodeError"]
+
+
+class DecodeError(ValueError):
+    """A text file that is not UTF-8; the message names the file, the line and the byte."""
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file's content; a decoding error names the file and line (not just a byte position)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DecodeError(f"{what} {path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")\
+            from None
 
 
 def fsync_dir(path: Path) -> None:

@@ -153,7 +153,9 @@ def _read_config_file(p: Path) -> Any:
     if p.suffix.lower() not in CONFIG_SUFFIXES:
         raise ValueError(f"config file {p}: unknown suffix {p.suffix or '(none)'!r}; name it .yaml/.yml (YAML) "
                          "or .json (JSON)")
-    text = p.read_text()
+    from .fsutil import read_text
+
+    text = read_text(p, "config file")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -219,8 +221,10 @@ def load_saved_run_config(path: str | Path, overrides: Sequence[str] = ()) -> Ru
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found; pass the run directory of a zo-deepspeed train run")
+    from .fsutil import read_text
+
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(read_text(p, "run config"))
     except ValueError as e:
         raise ValueError(f"{p} is not valid JSON ({str(e).splitlines()[0]}); was the run's config.json edited?") \
             from None

@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .build import RunLock, build_engine, check_writable, prepare_run
+from .guard import check_run_dir
 from .distributed import shard, shard_range
 from .evaluate import EvalResult, Evaluator
 from .fsutil import atomic_write_text
@@ -26,10 +27,63 @@ from .run_config import RunConfig
 from .tasks.objectives import Objective
 from .trajectory import model_fingerprint, truncate
 
-__all__ = ["Trainer", "EXIT_PREEMPTED", "batch_indices"]
+__all__ = ["Trainer", "EXIT_PREEMPTED", "EXIT_INTERRUPTED", "batch_indices"]
 
 # Exit status after a SIGTERM-triggered checkpoint: launch/slurm.sbatch requeues on it.
 EXIT_PREEMPTED = 75
+# Exit status after a SIGINT (Ctrl-C) -triggered checkpoint: 128 + SIGINT, as a shell reports it; no requeue.
+EXIT_INTERRUPTED = 130
+
+
+def _check_splits(cfg: RunConfig, splits: dict) -> None:
+    """Splits a run would evaluate or train on empty (a NaN metric, or no step) are refused up front."""
+    t, d = cfg.train, cfg.data
+    if not splits["train"] and t.steps > 0:
+        raise ValueError(f"task {d.task} has no training examples (data.num_train={d.num_train}); set "
+                         "data.num_train > 0, or train.steps=0 to only evaluate")
+    if not splits["test"]:
+        raise ValueError(f"task {d.task} has no test examples (data.num_test={d.num_test}) for the final evaluation; "
+                         "set data.num_test > 0")
+    if t.eval_every and t.eval_every < t.steps and not splits["dev"]:
+        raise ValueError(f"train.eval_every={t.eval_every} evaluates on dev, but task {d.task} has no dev examples "
+                         f"(data.num_dev={d.num_dev}); set data.num_dev > 0 or train.eval_every=0")
+
+
+class RunDirUndo:
+    """What a run start created in its run directory, removed again if the start fails (refused resume,
+    Ctrl-C while loading, a full disk): only paths that did not exist when it was made, and only once
+    ``armed`` (this process holds the run lock, so no other run writes there)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        top = self.run_dir.absolute()
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        self.top = top  # the outermost folder a mkdir(parents=True) would create
+        self.before = ({str(p) for p in self.run_dir.rglob("*")} if self.run_dir.exists() else None)
+        self.armed = False
+
+    def undo(self) -> None:
+        import shutil
+
+        if not self.armed:
+            return
+        try:
+            if self.before is None:  # the run dir and the empty parents made for it (rmdir: never others' files)
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                p = self.run_dir.absolute().parent
+                while p != self.top.parent and p.exists():
+                    p.rmdir()
+                    p = p.parent
+                return
+            new = [p for p in self.run_dir.rglob("*") if str(p) not in self.before]
+            for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        except OSError:
+            pass  # best effort: the error that stopped the start is what the user needs to see
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
@@ -44,31 +98,46 @@ class Trainer:
         from . import distributed
 
         self.cfg = cfg
-        self.run_dir = Path(cfg.train.output_dir)
         rank, _ = distributed.setup()
         self.is_main = rank == 0
         # Every check up to the lock only reads: a refused run writes nothing (no run dir, no checkpoint).
+        self.run_dir = Path(cfg.train.output_dir)
+        check_run_dir(cfg.train.output_dir, resume=resume)
         if self.is_main:
-            if not resume and (self.run_dir / "trajectory.jsonl").exists():
+            held = [n for n in ("trajectory.jsonl", "checkpoints/latest") if (self.run_dir / n).exists()]
+            if not resume and held:
                 raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it "
-                                      "or choose another train.output_dir")
+                                      f"or choose another train.output_dir (it has {held[0]})")
             check_writable(self.run_dir)
         if cfg.train.steps > 0 and cfg.zo.lr == 0:
             raise ValueError("zo.lr=0 with train.steps > 0 would change no weight; set zo.lr > 0 (MeZO: 1e-6 or "
                              "1e-7), or train.steps=0 to only evaluate")
         self.setup = s = prepare_run(cfg, self.run_dir)
         self.cfg = cfg = s.cfg  # resolved
-        if not s.splits["train"] and cfg.train.steps > 0:
-            raise ValueError(f"task {cfg.data.task} has no training examples")
+        _check_splits(cfg, s.splits)
+        # the log against the checkpoint, the base model and the adapter, before anything is built
+        self.plan = ckpt.verify_resume(self.run_dir, base=s.model_path, adapter=cfg.adapter.to_dict()) \
+            if resume else None
         # generation (the f1 objective) drives the engine's module: bound late, once the engine exists
         self.objective = Objective(cfg.train.objective, s.task, s.tokenizer, cfg.data.max_length,
                                    generate=lambda exs: self.evaluator.generate(exs))
-        if self.is_main:
-            self._lock = RunLock(self.run_dir)  # the first write; DeepSpeed's monitors write next
+        self._stop = None  # the signal that asked for a stop (acted on between steps)
+        created = RunDirUndo(self.run_dir) if self.is_main else None
+        try:
+            if self.is_main:
+                self._lock = RunLock(self.run_dir)  # the first write; DeepSpeed's monitors write next
+                created.armed = True
+            self._build(cfg, s, resume)
+        except BaseException:
+            if created is not None:
+                created.undo()  # a refused or interrupted start leaves the run directory as it found it
+            raise
+
+    def _build(self, cfg: RunConfig, s, resume: bool) -> None:
         self.engine = build_engine(s, self.objective)
         self.evaluator = Evaluator(self.engine, s.task, s.tokenizer, cfg.data.max_length, cfg.train.eval_batch_size)
-        self._stop = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         if resume:
             self._resume()
         self.metrics = None
@@ -97,11 +166,13 @@ class Trainer:
                 self.save()
             if self._preempted():
                 self.save()
-                self._print(f"SIGTERM: checkpoint at step {step} written; exiting {EXIT_PREEMPTED} for requeue")
-                sys.exit(EXIT_PREEMPTED)
+                self._exit_on_signal(f"checkpoint at step {step} written")
         if self.metrics is not None:
             self.metrics.close()
         self.save()
+        if self._preempted():  # a signal during the last step's evaluation or save: the checkpoint is written
+            self._exit_on_signal(f"final checkpoint (step {self.engine.step_count}) written; --resume evaluates "
+                                 "and exports")
         summary["final"] = self.evaluate("test")
         if t.export:
             ckpt.export_hf(self.engine, self.run_dir / "export", self.setup.tokenizer)
@@ -120,6 +191,9 @@ class Trainer:
         """Collective. The task metric on ``split`` at the current weights, printed and logged."""
         res = self.evaluator.evaluate(split, self.setup.splits[split])
         step = self.engine.step_count
+        if res.n == 0:  # never a NaN in metrics.jsonl (_check_splits refuses the runs that would get here)
+            self._print(f"{split}: no examples; not evaluated (step {step})")
+            return res
         self._print(f"{split} {res.metric}: {res.value:.4f} on {res.n} examples (step {step})")
         if self.metrics is not None:
             self.metrics.write({"step": step, f"{split}/{res.metric}": res.value})
@@ -131,29 +205,49 @@ class Trainer:
                                     keep=self.cfg.train.keep_checkpoints)
 
     def _resume(self) -> None:
+        plan = self.plan
         info = ckpt.resume(self.engine, self.run_dir)
+        rerun = plan.logged - info.step  # logged steps past the checkpoint: they run again
         if info.how == "base":
-            self._print("resume: no checkpoint yet; starting from the base weights")
+            if rerun > 0:
+                self._print(f"resume: no checkpoint yet; the log's {rerun} step(s) run again from the base weights "
+                            "(each step's batch and seeds are a function of (zo.seed, step): the same steps)")
+            else:
+                self._print("resume: no checkpoint yet and nothing logged; starting from the base weights")
         elif info.how == "replay":
             self._print(f"resume: {info.path.name} was written at another world size or layout; replayed "
                         f"{info.step} logged steps instead")
         else:
             self._print(f"resume: loaded {info.path.name} (step {info.step})")
-        # log records past the checkpoint ran after it and will run again
+        # log records past the checkpoint ran after it and will run again; a torn or damaged line among
+        # them (a crash) goes with them: the log then ends exactly where the weights are
         log = self.run_dir / "trajectory.jsonl"
-        if self.is_main and log.exists():
-            truncate(log, info.step)
+        if self.is_main and log.exists() and log.stat().st_size > 0:  # an empty file: a crash before its header
+            tail = truncate(log, info.step, plan.digest)
+            if tail.dropped:
+                self._print(f"resume: {tail.describe(log, info.step)}")
         from .distributed import barrier
 
         barrier()
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop = True  # acted on between steps, on every rank at the same step
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint and the log stay valid)
+        self._stop = signum  # acted on between steps, on every rank at the same step
 
     def _preempted(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop else 0.0], dtype=torch.float64)
+        flag = torch.tensor([1.0 if self._stop is not None else 0.0], dtype=torch.float64)
         return bool(self.engine.all_reduce(flag)[0] > 0)
+
+    def _exit_on_signal(self, what: str) -> None:
+        """After the checkpoint: SIGTERM (preemption) exits 75, which launch/slurm.sbatch requeues;
+        SIGINT (Ctrl-C) exits 130, the shell's code for an interrupt (no requeue)."""
+        sig = self._stop if self._stop is not None else signal.SIGTERM
+        name, code = ("SIGINT", EXIT_INTERRUPTED) if sig == signal.SIGINT else ("SIGTERM", EXIT_PREEMPTED)
+        then = "for requeue" if code == EXIT_PREEMPTED else "(continue with --resume)"
+        self._print(f"{name}: {what}; exiting {code} {then}")
+        sys.exit(code)
 
     def _print(self, msg: str) -> None:
         if self.is_main:

@@ -11,6 +11,11 @@ Every reader goes through :func:`read_log`, which verifies the format, the z-str
 replayed with another stream would give other weights without any error), that the records parse
 and that their steps run 0, 1, 2, ... without a gap, and, given the base model's folder, that the
 log was recorded on those weights.
+
+A resume from a checkpoint at step n keeps only records 0..n-1 (:func:`read_prefix`, :func:`truncate`): they
+must be whole and, when the checkpoint stored their :func:`records_digest`, be the ones it was trained with
+(:func:`check_against_checkpoint`). What follows them ran after the checkpoint and runs again, so a torn or
+damaged line there (a crash) is dropped with it and reported (:class:`Tail`); damage before step n is refused.
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ from typing import NamedTuple
 from .fsutil import atomic_write_text
 from .rng import STREAM_VERSION
 
-__all__ = ["StepRecord", "LogHeader", "TrajectoryLog", "Trajectory", "LogError", "read_log", "truncate",
-           "model_fingerprint", "FORMAT"]
+__all__ = ["StepRecord", "LogHeader", "TrajectoryLog", "Trajectory", "Tail", "LogError", "read_log", "read_prefix",
+           "truncate", "model_fingerprint", "records_digest", "check_against_checkpoint", "FORMAT"]
 
 FORMAT = "zo_deepspeed.trajectory/1"
 
@@ -125,41 +130,98 @@ class Trajectory(NamedTuple):
     records: list[StepRecord]
 
 
-def _parse(path: Path) -> tuple[LogHeader, list[StepRecord], bool]:
-    """Header, records, and whether a torn last line (a crash mid-write) was dropped."""
+class Tail(NamedTuple):
+    """What a read that keeps only the first records (a resume to a checkpoint) found after them."""
+
+    dropped: int            # lines after the kept records (records run after the checkpoint, or damaged)
+    torn: bool              # the last line does not parse: a crash while it was written
+    damaged: int | None     # 1-based line number of the first other line there that is not the next record
+
+    def describe(self, path: Path, step: int) -> str:
+        """One sentence for the console ('' when nothing was dropped)."""
+        if not self.dropped:
+            return ""
+        what = [f"{path.name}: kept the {step} record(s) up to the checkpoint, dropped the {self.dropped} line(s) "
+                "after them (those steps run again)"]
+        if self.torn:
+            what.append("the last line was a torn record (a crash while it was written)")
+        if self.damaged is not None:
+            what.append(f"line {self.damaged} was damaged (not the next step's record)")
+        return "; ".join(what)
+
+
+def _record(d: object, path: Path, lineno: int, expect: int) -> StepRecord:
+    try:
+        rec = StepRecord.from_dict(d)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise LogError(f"{path}:{lineno}: not a step record ({type(e).__name__}: {e}); restore the run's "
+                       "trajectory.jsonl") from None
+    if rec.step != expect:
+        raise LogError(f"{path}:{lineno}: step {rec.step} where step {expect} belongs: the log is not contiguous "
+                       "(edited or mixed from two runs) and cannot rebuild the run's weights; restore the run's "
+                       "trajectory.jsonl")
+    return rec
+
+
+def _lines(path: Path) -> list[str]:
     if path.is_dir():
         raise LogError(f"trajectory log {path} is a directory; pass the run's trajectory.jsonl file")
     if not path.exists():
         raise FileNotFoundError(f"trajectory log {path} does not exist; pass the trajectory.jsonl of a run")
+    data = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LogError(f"{path} is not a text trajectory log ({e.reason} at byte {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LogError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); pass a run's "
+                       "trajectory.jsonl") from None
+    lines = text.splitlines()
     if not lines:
-        raise LogError(f"trajectory log {path} is empty")
+        raise LogError(f"trajectory log {path} is empty; pass the trajectory.jsonl of a run")
+    return lines
+
+
+def _parse(path: Path, keep: int | None = None) -> tuple[LogHeader, list[StepRecord], Tail]:
+    """Header, records and what follows them. ``keep`` None: every record must parse and follow the one
+    before (only a torn last line, a crash mid-write, is left out: ``Tail.torn``). ``keep`` n: the first n
+    records are held to that, the lines after them are counted, not trusted (a resume from step n drops
+    them)."""
+    lines = _lines(path)
+    try:
+        head = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise LogError(f"{path}:1: the header is not JSON; pass the trajectory.jsonl of a run") from None
+    header = LogHeader.parse(head, str(path))
+    body = lines[1:]
+    n = len(body) if keep is None else min(keep, len(body))
     records: list[StepRecord] = []
-    header = None
     torn = False
-    for i, line in enumerate(lines):
+    for i in range(n):
+        lineno = i + 2
         try:
-            d = json.loads(line)
+            d = json.loads(body[i])
         except json.JSONDecodeError:
-            if i == len(lines) - 1 and i > 0:
+            if i == len(body) - 1:
                 torn = True  # torn last record: the step it described never completed on disk
                 break
-            raise LogError(f"{path}:{i + 1}: corrupt record (not JSON) before the end of the log") from None
-        if i == 0:
-            header = LogHeader.parse(d, str(path))
-            continue
+            raise LogError(f"{path}:{lineno}: corrupt record (not JSON) before the end of the log; restore the run's "
+                           "trajectory.jsonl") from None
+        records.append(_record(d, path, lineno, len(records)))
+    rest = body[n:]
+    damaged = None
+    for j, line in enumerate(rest):
+        lineno = n + j + 2
         try:
-            rec = StepRecord.from_dict(d)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise LogError(f"{path}:{i + 1}: not a step record ({type(e).__name__}: {e})") from None
-        if rec.step != len(records):
-            raise LogError(f"{path}:{i + 1}: step {rec.step} where step {len(records)} belongs: the log is not "
-                           "contiguous (edited or mixed from two runs) and cannot rebuild the run's weights")
-        records.append(rec)
-    return header, records, torn
+            _record(json.loads(line), path, lineno, n + j)
+        except json.JSONDecodeError:
+            if j == len(rest) - 1:
+                torn = True
+            elif damaged is None:
+                damaged = lineno
+        except LogError:
+            if damaged is None:
+                damaged = lineno
+    return header, records, Tail(len(rest) + (1 if torn and not rest else 0), torn, damaged)
 
 
 def read_log(path: str | Path, base: str | Path | None = None) -> Trajectory:
@@ -171,20 +233,47 @@ def read_log(path: str | Path, base: str | Path | None = None) -> Trajectory:
     return Trajectory(header, records)
 
 
-def truncate(path: str | Path, step: int) -> bool:
-    """Keep the header and the records of steps < ``step`` (a resume from step ``step``: later records
-    ran after the checkpoint and will run again); rewritten atomically. Refuses a log that holds
-    fewer than ``step`` records. Returns whether a torn last line was dropped."""
-    path = Path(path)
-    header, records, torn = _parse(path)
+def read_prefix(path: str | Path, step: int) -> tuple[Trajectory, Tail]:
+    """The header and first ``step`` records of a log (held to every check of :func:`read_log`), and what
+    follows them: what a resume from a checkpoint at ``step`` keeps and drops."""
+    header, records, tail = _parse(Path(path), keep=step)
+    return Trajectory(header, records), tail
+
+
+def records_digest(records) -> str:
+    """sha256 over the records' canonical JSON lines: a checkpoint stores it for the records it was trained
+    with, so that resume can tell an edited log, or another run's, from the run's own."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.to_json().encode() + b"\n")
+    return h.hexdigest()
+
+
+def check_against_checkpoint(path: str | Path, records, step: int, digest: str | None, ckpt_name: str) -> None:
+    """The log agrees with a checkpoint of step ``step``: it holds at least ``step`` records, and (when the
+    checkpoint recorded one) its first ``step`` records are the ones the checkpoint was trained with."""
     if len(records) < step:
-        raise LogError(f"{path} holds {len(records)} steps but the checkpoint is at step {step}: the log "
-                       "lost records and can no longer rebuild the run; restore the run's trajectory.jsonl")
-    if torn or len(records) > step:
+        raise LogError(f"{path} holds {len(records)} step(s) but checkpoint {ckpt_name} is at step {step}: the log "
+                       "lost records and can no longer rebuild the run; restore the run's trajectory.jsonl (or start a "
+                       "new run from the checkpoint's export)")
+    if digest is not None and records_digest(records[:step]) != digest:
+        raise LogError(f"{path}: its first {step} records are not the ones checkpoint {ckpt_name} was trained with "
+                       "(the log was edited or comes from another run); restore the run's trajectory.jsonl")
+
+
+def truncate(path: str | Path, step: int, digest: str | None = None) -> Tail:
+    """Keep the header and the records of steps < ``step`` (a resume from step ``step``: later records
+    ran after the checkpoint and will run again, and a damaged line among them is dropped with them);
+    rewritten atomically when anything is dropped. Refuses a log whose first ``step`` records are not
+    whole, or (``digest``) not the checkpoint's. Returns what was dropped."""
+    path = Path(path)
+    (header, records), tail = read_prefix(path, step)
+    check_against_checkpoint(path, records, step, digest, f"step_{step:08d}")
+    if tail.dropped:
         atomic_write_text(path, "".join(line + "\n" for line in
                                         [json.dumps(header.to_dict(), separators=(",", ":"))] +
                                         [r.to_json() for r in records[:step]]))
-    return torn
+    return tail
 
 
 class TrajectoryLog:
@@ -194,8 +283,8 @@ class TrajectoryLog:
     def __init__(self, path: str | Path, header: LogHeader | None = None):
         self.path = Path(path)
         if self.path.exists() and self.path.stat().st_size > 0:
-            self.header, records, torn = _parse(self.path)
-            if torn:
+            self.header, records, tail = _parse(self.path)
+            if tail.torn:
                 raise LogError(f"{self.path} ends in a torn record; resume the run (it repairs the log) "
                                "before appending to it")
             self.next_step = len(records)

@@ -186,10 +186,12 @@ class Task:
             raise TaskFileNotFoundError(f"{self.name}: data directory not found: {data_dir}")
         stems = self.split_files.get(split, (split,))
         for stem in stems:
-            for ext in DATA_EXTENSIONS:
-                candidate = data_dir / f"{stem}{ext}"
-                if candidate.is_file():
-                    return candidate
+            found = [data_dir / f"{stem}{ext}" for ext in DATA_EXTENSIONS if (data_dir / f"{stem}{ext}").is_file()]
+            if len(found) > 1:  # never pick one of two silently
+                raise TaskDataError(f"{self.name}: {data_dir} holds {' and '.join(f.name for f in found)} for the "
+                                    f"{split} split; keep one of them")
+            if found:
+                return found[0]
         tried = "|".join(stems)
         raise TaskFileNotFoundError(f"{self.name}: no {split} file in {data_dir} "
                                     f"(looked for {{{tried}}}{{{'|'.join(DATA_EXTENSIONS)}}})")
@@ -243,6 +245,10 @@ class ClassificationTask(Task):
                     raise row.error(f"field '{self.label_field}' is missing or null")
                 raise row.error(f"label {raw!r} marks an unlabeled row; load with require_labels=False")
             return None
+        if isinstance(raw, bool) and "true" not in self.label_map:  # True -> 1 is a guess (RTE: 0 = entailment)
+            known = ", ".join(repr(k) for k in self.label_map)
+            raise row.error(f"label {str(raw).lower()} (a boolean) has no meaning for {self.name}: write one of "
+                            f"{known}")
         try:
             return self.label_map[key]
         except (KeyError, TypeError):

@@ -102,6 +102,29 @@ def _json_records_field(path: Path) -> str | None:
     return None
 
 
+def _bad_line(path: Path) -> str | None:
+    """'line N: what' for the first line of a JSON-lines file that is not UTF-8 or not a JSON object."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"line {line}: not UTF-8 text ({e.reason} at byte {e.start})"
+    if text.lstrip().startswith("["):
+        return None  # a JSON list: the reader's own message
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            return f"line {i}: not JSON ({getattr(e, 'msg', e)}); each line must be one JSON object"
+        if not isinstance(obj, dict):
+            return f"line {i}: a JSON {type(obj).__name__}, not an object; each line must be one JSON object"
+    return None
+
+
 def read_table(path: str | Path):
     """Load one local data file with ``datasets.load_dataset`` and return the ``datasets.Dataset``.
 
@@ -130,6 +153,9 @@ def read_table(path: str | Path):
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - report any reader failure as one line
+        where = _bad_line(path) if builder == "json" else None
+        if where:
+            raise TaskDataError(f"could not read {path}: {where}") from None
         raise TaskDataError(f"could not read {path} as {builder}: {_one_line(exc)}") from exc
     if ds.num_rows == 0:
         raise TaskDataError(f"empty dataset: {path} has no rows")

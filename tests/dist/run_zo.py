@@ -27,9 +27,10 @@ def run(sc: dict) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     batches = torch.load(sc["batches"])
     results = []
+    d, groups = eng.data_shard  # perturbation-parallel runs: the ranks of a data group share one shard
     for b in batches:
         n = b["input_ids"].shape[0]
-        idx = torch.tensor_split(torch.arange(n), world)[rank]
+        idx = torch.tensor_split(torch.arange(n), groups)[d]
         mine = {k: v[idx] for k, v in b.items()}
         micro = [{k: v[i] for k, v in mine.items()} for i in torch.tensor_split(torch.arange(len(idx)), sc.get("micro", 1))]
         r = eng.step(micro, example_ids=idx.tolist())

@@ -125,12 +125,12 @@ class ZOEngine:
         if self.world_size % P:
             raise ValueError(f"zo.perturb_parallel={P} does not divide the world size {self.world_size}; pick a "
                              "divisor (ranks of one data group evaluate different perturbations)")
-        if P > 1 and self.perturb != "forward":
-            raise ValueError("zo.perturb_parallel > 1 needs zo.perturb=forward, which this model does not get (not a "
-                             "HF/peft language model): set zo.perturb=forward if its batch rows are independent")
         self.pgroup, self.data_shard = self.rank % P, (self.rank // P, self.world_size // P)
         self.device = ds_engine.device if ds_engine is not None else next(module.parameters()).device
         self.perturb = zo.resolved_perturb(rowwise=_rowwise(module))
+        if P > 1 and self.perturb != "forward":
+            raise ValueError("zo.perturb_parallel > 1 needs zo.perturb=forward, which this model does not get (not a "
+                             "HF/peft language model): set zo.perturb=forward if its batch rows are independent")
         # collective when zo.sparse_keep < 1 (one small all-reduce per bisection round): every rank, here
         self.state = WeightState(self.parts, zo.restore, zo.distribution, zo.compile, zo.base_device, zo.sparse_keep,
                                  self.all_reduce if self.parts.zero3 else None, self.perturb)

@@ -4,8 +4,9 @@
 * The key lists the validator checks names against are DeepSpeed's own (checked
   against the installed DeepSpeed, so a version bump that adds keys shows up here).
 * Every shipped file validates, and runs ZO steps on 2 real DeepSpeed ranks with
-  the same result as one process (bf16/fp16 included: DeepSpeed 0.19's CPU
-  accelerator runs both). zero3_hpz.json runs across 2 nodes x 2 ranks in
+  the same result as one process (bf16 included; fp16 where DeepSpeed's CPU
+  accelerator supports it, i.e. the CPU has fp16 arithmetic, and otherwise
+  refused in one line before any model loads). zero3_hpz.json runs across 2 nodes x 2 ranks in
   tests/test_slurm.py; zero3_hpz_bf16.json runs here with one hpZ group of the
   node's 2 ranks (DeepSpeed builds hpZ groups once per process, so one hpZ
   config per launch).
@@ -13,12 +14,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
 
-from harness import (REPO, ZO_EAGER, compare, compare_steps, filled_ds, reference, save_batches, scenario, shipped_ds,
-                     tiny_llama, worker_result, z3)
+from harness import (DIST, REPO, ZO_EAGER, compare, compare_steps, deepspeed_cmd, filled_ds, free_port, reference,
+                     repo_env, save_batches, scenario, shipped_ds, tail, tiny_llama, worker_result, write_spec, z3)
 from zo_deepspeed.ds_config import (OFFLOAD_PARAM_KEYS, REMOVED_TOP_LEVEL_KEYS, TOP_LEVEL_KEYS, ZERO_KEYS,
                                     fill_auto, fill_placeholders, load_ds_config, validate_ds_config)
 
@@ -255,8 +257,14 @@ def test_shipped_configs_run_on_two_ranks(tmp_path, ranks):
     model = tmp_path / "llama"
     tiny_llama(save_to=model, vocab_size=8192, hidden_size=128, intermediate_size=256)
     batches = save_batches(tmp_path / "b.pt", 8192, n_steps=2, batch=4)
+    from deepspeed.accelerator import get_accelerator
+
+    # fp16 runs where the accelerator computes in it (on the CPU: only CPUs with fp16 arithmetic); elsewhere
+    # the fp16 files must be refused in one line before any model loads (asserted below)
+    fp16_ok = get_accelerator().is_fp16_supported()
+    run_here = [n for n in RUN_HERE if fp16_ok or "fp16" not in n]
     scs = []
-    for name in RUN_HERE:
+    for name in run_here:
         cfg = filled_ds(name, nvme_path=str(tmp_path / "nvme"))
         if "nvme" in name:
             # the shipped 5 x 1e8-element swap buffers are sized for real models
@@ -267,9 +275,9 @@ def test_shipped_configs_run_on_two_ranks(tmp_path, ranks):
 
     # one torch thread: see harness.reference_engine
     refs = {"float32": reference(model, ZO_EAGER, batches, threads=1)}
-    for dt in ("bfloat16", "float16"):  # 16-bit: same forward shapes as the ranks (shards), losses to rounding
+    for dt in ("bfloat16", "float16") if fp16_ok else ("bfloat16",):  # 16-bit: the ranks' forward shapes
         refs[dt] = reference(model, ZO_EAGER, batches, dtype=getattr(torch, dt), shards=2, threads=1)
-    for name in RUN_HERE:
+    for name in run_here:
         dt = dtype_of(name)
         if dt == "float32":
             got = compare(tmp_path / name, *refs[dt])
@@ -281,3 +289,10 @@ def test_shipped_configs_run_on_two_ranks(tmp_path, ranks):
         assert got["kind"].startswith(kind), (name, got["kind"])
         if "nvme" in name:
             assert got["kind"] == "zero3-nvme" and got["nvme_swapped"] >= 1, (name, got)
+    for name in (n for n in RUN_HERE if n not in run_here):  # fp16 without fp16 arithmetic: one clear line
+        p = subprocess.run(deepspeed_cmd(2, free_port(), str(DIST / "run_zo.py"), "--spec", str(write_spec(
+            tmp_path / f"{name}.json", [scenario(name, model, filled_ds(name), ZO_EAGER, tmp_path / "b.pt", tmp_path,
+                                                 dtype="float16")]))),
+            env=repo_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert p.returncode != 0 and "enables fp16, which DeepSpeed's cpu accelerator does not support" in tail(p), \
+            tail(p)

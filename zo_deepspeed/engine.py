@@ -361,6 +361,7 @@ def initialize(model, config: dict | str | Path | None = None, zo: ZOConfig | No
     _, size = distributed.setup()  # joins the launcher's process group (plain python: a world of one)
     cfg = _fill_batch(cfg)
     validate_ds_config(cfg, world_size=size)
+    _check_precision(cfg)
     keepalive = None
     if callable(model) and not isinstance(model, torch.nn.Module):
         stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
@@ -374,6 +375,19 @@ def initialize(model, config: dict | str | Path | None = None, zo: ZOConfig | No
     # prefix tuning's init from activations: a (collective) forward, before the ZO state snapshots theta
     prepare_adapter(ds_engine.module, ds_engine.device)
     return _with_log(ZOEngine(ds_engine.module, zo, ds_engine, loss_fn, keepalive), trajectory)
+
+
+def _check_precision(cfg: dict) -> None:
+    """fp16 needs an accelerator that computes in it (DeepSpeed's CPU accelerator only where the CPU has
+    fp16 arithmetic): say so before any model is loaded, in one line."""
+    if not (cfg.get("fp16") or {}).get("enabled"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not acc.is_fp16_supported():
+        raise ValueError(f"the ds_config enables fp16, which DeepSpeed's {acc.device_name()} accelerator does not "
+                         "support on this machine; use a bf16 config (and model.dtype=bfloat16) or fp32")
 
 
 def _with_log(engine: ZOEngine, trajectory: str | Path | None) -> ZOEngine:

@@ -71,11 +71,11 @@ def run_backprop(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from zo_deepspeed.build import load_tokenizer, resolve_model_path
-    from zo_deepspeed.run_config import load_run_config
+    from zo_deepspeed.run_config import load_run_config, resolve_run_config
     from zo_deepspeed.tasks import build_splits, get_task, score_candidates, single_token_candidates
     from zo_deepspeed.trainer import batch_indices
 
-    cfg = load_run_config(None, list(args.set))
+    cfg = resolve_run_config(load_run_config(None, list(args.set)))  # the task's data.* defaults, as a run's
     task = get_task(cfg.data.task)
     splits = build_splits(task, cfg.data.data_dir, seed=cfg.zo.seed, num_train=cfg.data.num_train,
                           num_dev=cfg.data.num_dev, num_test=cfg.data.num_test)

@@ -198,7 +198,9 @@ def test_resolve_fills_objective_by_task_kind_and_total_steps():
     assert (cfg.train.objective, cfg.zo.total_steps) == ("choice", 12)  # rotten_tomatoes: classification
     gen = resolve_run_config(load_run_config(None, ["data.task=squad"]))
     assert (gen.train.objective, gen.zo.total_steps) == ("loss", 40)
-    explicit = load_run_config(None, ["train.objective=accuracy", "zo.total_steps=100", "zo.perturb=forward"])
+    explicit = load_run_config(None, ["train.objective=accuracy", "zo.total_steps=100", "zo.perturb=forward",
+                                      "data.num_train=8", "data.num_dev=4", "data.num_test=4", "data.test_seed=0",
+                                      "data.max_length=64", "data.max_new_tokens=8"])  # the task's data.*: set too
     assert resolve_run_config(explicit) is explicit  # nothing to fill: the same tree
     assert resolve_run_config(cfg) is cfg  # idempotent
     raw = load_run_config()

@@ -168,26 +168,31 @@ def prepare_run(cfg: RunConfig, run_dir: Path | None = None, splits: tuple[str, 
     None for eval/export/replay. ``splits`` ("test",): only the test split is read (eval), so its train and
     dev files need not exist; (): no data at all (export); the splits not read are empty."""
     from .run_config import resolve_run_config
-    from .tasks import build_splits, get_task
+    from .tasks import build_splits
+    from .tasks.protocol import configured_task, fit_max_length
 
-    cfg = resolve_run_config(cfg)  # objective auto -> the task's; zo.total_steps 0 -> train.steps
+    auto_length = cfg.data.max_length is None  # MeZO's 2048, at most the model's context (tasks/protocol.py)
+    cfg = resolve_run_config(cfg)  # objective, data.* (the task's) and zo.total_steps filled in
     rank, world = distributed.setup()
-    task = get_task(cfg.data.task)
+    task = configured_task(cfg.data)
     if not splits:  # export: the model and its tokenizer only
         splits = {"train": [], "dev": [], "test": []}
     elif tuple(splits) == ("test",):
         from .tasks.sampling import sample_examples
 
-        # the test part of build_splits (drawn with its fixed test_seed 0), without reading train/dev
-        test = sample_examples(task.load_split(task.test_source, cfg.data.data_dir), cfg.data.num_test, 0)
+        # the test part of build_splits (its test_seed and the task's sampler), without reading train/dev
+        test = sample_examples(task.load_split(task.test_source, cfg.data.data_dir), cfg.data.num_test,
+                               cfg.data.test_seed, task.sampler)
         splits = {"train": [], "dev": [], "test": test}
     else:
         splits = build_splits(task, cfg.data.data_dir, seed=cfg.zo.seed, num_train=cfg.data.num_train,
                               num_dev=cfg.data.num_dev, num_test=cfg.data.num_test,
-                              k_per_class=cfg.data.k_per_class or None)
+                              k_per_class=cfg.data.k_per_class or None, test_seed=cfg.data.test_seed)
     model_path = resolve_model_path(cfg.model.path)
     check_model_files(model_path)  # config.json and the weights' names and shapes agree, before any load
     tokenizer = load_tokenizer(model_path)
+    if auto_length:
+        cfg = fit_max_length(cfg, model_path, verbose=rank == 0)
     check_model_inputs(model_path, tokenizer, cfg.data.max_length)
     ds_config = build_ds_config(cfg, world, run_dir)
     if rank == 0:

@@ -79,7 +79,8 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None, keep: int 
     sha256 and ``engine.state_dict()``.
 
     ``keep`` > 0: afterwards delete all but the newest ``keep`` complete checkpoints (a full checkpoint
-    is the size of the model, so a long run saving every few hundred steps would fill the disk)."""
+    is the size of the model, so a long run saving every few hundred steps would fill the disk), never the
+    one ``checkpoints/best`` names (the trainer's best-dev checkpoint, train.select)."""
     engine.flush()
     rank, size = world()
     step, layout = engine.step_count, engine.layout
@@ -119,8 +120,9 @@ def save_checkpoint(engine, run_dir: Path, extra: dict | None = None, keep: int 
         atomic_write_text(root / "latest", final.name)
         if keep > 0:  # only once `latest` names the new one: a crash above leaves every older one
             done = sorted(d for d in root.glob("step_*") if (d / "state.json").exists())
+            best = (root / "best").read_text().strip() if (root / "best").is_file() else None
             for old in done[:-keep]:
-                if old != final:
+                if old != final and old.name != best:
                     shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final

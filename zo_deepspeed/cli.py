@@ -1,4 +1,4 @@
-"""``zo-deepspeed`` command line: train, eval, replay, export, plot, plan.
+"""``zo-deepspeed`` command line: train, eval, replay, export, plot, plan, mezo.
 
 Works under ``deepspeed``, ``torchrun`` and plain ``python -m zo_deepspeed``
 (a world of one). Bad input ends with one line naming the problem and its fix
@@ -28,9 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--ds-config", help="DeepSpeed config JSON (default: embedded ZeRO-3)")
     tr.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its checkpoint")
     tr.add_argument("overrides", nargs="*", help="section.key=value")
-    ev = sub.add_parser("eval", help="evaluate a model on a task's test split")
+    ev = sub.add_parser("eval", help="evaluate a model on a task's test split (zero-shot, in-context, calibrated)")
     ev.add_argument("--config")
     ev.add_argument("--ds-config")
+    ev.add_argument("--demos", type=int, default=0, help="in-context demonstrations per test example, drawn from the "
+                    "train split with zo.seed as MeZO draws them (0: zero-shot; MeZO's ICL row: 32)")
+    ev.add_argument("--calibrate", choices=("none", "sfc", "icl_sfc"), default="none",
+                    help="calibration (surface-form competition): sfc (MeZO's --sfc) or icl_sfc (--icl_sfc)")
+    ev.add_argument("--out", help="also write the result as JSON to this file")
     ev.add_argument("overrides", nargs="*")
     rp = sub.add_parser("replay", help="base model + trajectory log -> HF folder")
     rp.add_argument("--model", required=True, help="base model folder (or 'default')")
@@ -46,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     from .planner import add_arguments as _plan_arguments
 
     _plan_arguments(sub.add_parser("plan", help="memory per GPU and per node, and the ds_config to use"))
+    from .recipe import add_arguments as _mezo_arguments
+
+    _mezo_arguments(sub.add_parser("mezo", help="the MeZO paper's protocol over tasks, modes, the lr grid and seeds; "
+                                   "one results table", formatter_class=argparse.RawDescriptionHelpFormatter))
     return ap
 
 
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     try:
         return {"train": _train, "eval": _eval, "replay": _replay, "export": _export, "plot": _plot,
-                "plan": _plan}[args.cmd](args)
+                "plan": _plan, "mezo": _mezo}[args.cmd](args)
     except EXPECTED as e:
         if os.environ.get("ZO_DEEPSPEED_DEBUG"):
             raise
@@ -134,20 +143,16 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .build import build_engine, prepare_run
-    from .evaluate import Evaluator
+    from .evaluate import run_eval
 
-    cfg = _load_cfg(args)
-    s = prepare_run(cfg, splits=("test",))  # eval reads the test split only (no train/dev files needed)
-    if not s.splits["test"]:
-        raise ValueError(f"task {cfg.data.task} has no test examples (data.num_test={cfg.data.num_test}); set "
-                         "data.num_test > 0")
-    eng = build_engine(s)
-    res = Evaluator(eng, s.task, s.tokenizer, cfg.data.max_length, cfg.train.eval_batch_size).evaluate(
-        "test", s.splits["test"])
-    if s.is_main:
-        print(f"{res.metric}: {res.value:.4f} on {res.n} examples")
+    run_eval(_load_cfg(args), demos=args.demos, calibrate=args.calibrate, out=args.out)
     return 0
+
+
+def _mezo(args) -> int:
+    from .recipe import run
+
+    return run(args)
 
 
 def _replay(args) -> int:

@@ -39,6 +39,7 @@ DEFAULT_DS_CONFIG_ONE_RANK = {**DEFAULT_DS_CONFIG, "zero_optimization": {"stage"
 
 DType = Literal["float32", "bfloat16", "float16"]                # model.dtype
 Objective = Literal["auto", "loss", "choice", "accuracy", "f1"]  # train.objective
+Select = Literal["last", "dev_loss", "dev_metric"]               # train.select
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 RUN_DIR_EXTRAS = ("resolved_ds_config", "world_size")  # what the trainer adds to config.json besides the tree
 
@@ -59,25 +60,45 @@ class DataConfig:
     task: str = "rotten_tomatoes"
     """Registered task name (see zo_deepspeed.tasks.list_tasks()) or 'file.py:name'."""
     data_dir: str | None = None
-    """Folder with the task's local files (GLUE/SuperGLUE/SQuAD layout); not needed for rotten_tomatoes."""
-    num_train: int = 1000
-    """Training examples sampled with the run seed (MeZO: 1000)."""
-    num_dev: int = 200
-    """Dev examples for periodic evaluation."""
-    num_test: int = 500
-    """Test examples for the zero-shot and final evaluation (MeZO: 1000)."""
+    """Folder with the task's local files (GLUE/SuperGLUE/SQuAD/DROP layout); not needed for rotten_tomatoes."""
+    num_train: int | None = None
+    """Training examples sampled with the run seed; null: the task's (MeZO: 1000, mezo.sh:9)."""
+    num_dev: int | None = None
+    """Dev examples (periodic evaluation, best-checkpoint selection), drawn after the training examples from the
+    train file; null: the task's (MeZO: 500, CB and COPA 100, mezo.sh:10, 27-31)."""
+    num_test: int | None = None
+    """Test examples for the zero-shot and final evaluation; null: the task's (MeZO: 1000, mezo.sh:11;
+    rotten_tomatoes 500)."""
+    test_seed: int | None = None
+    """Seed of the test subset; null: zo.seed (MeZO draws it with the run seed, run.py:480)."""
     k_per_class: int = 0
     """Few-shot mode: k training examples per class instead of num_train (0: off)."""
-    max_length: int = 128
-    """Maximum tokens per example (prompt truncated from the left)."""
+    max_length: int | None = None
+    """Maximum tokens per row (prompt truncated from the left, counted in the log); batches pad to their longest
+    row, never to this. null: MeZO's 2048 (run.py:45), at most the model's context."""
+    max_new_tokens: int | None = None
+    """Generation tasks: greedy tokens decoded, stopping at the newline token or EOS; the prompt keeps at most
+    max_length - max_new_tokens tokens. null: MeZO's 50 (run.py:81, utils.py:162-163)."""
+    answer_first_line: bool = True
+    """Generation tasks: score the decoded answer's first line. false: all of it, as MeZO (a newline inside a longer
+    token such as "\\n\\n" does not stop its decoding, and what follows is scored too; the mezo recipe sets false)."""
+    bos_token_id: int | None = None
+    """Token each row starts with when the tokenizer adds one; null: MeZO's rule (0 for OPT models, run.py:175-176;
+    the tokenizer's own BOS otherwise)."""
+    boolq_title: bool = False
+    """BoolQ from SuperGLUE files: keep the '<title> -- ' that starts each passage (false: strip it, as MeZO's
+    source, Google's BoolQ, has no title)."""
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
-        for k in ("num_train", "num_dev", "num_test", "k_per_class"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"data.{k} must be >= 0, got {getattr(self, k)}")
-        if self.max_length < 8:
+        for k in ("num_train", "num_dev", "num_test", "test_seed", "k_per_class"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ValueError(f"data.{k} must be >= 0, got {v}")
+        if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"data.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +116,13 @@ class TrainConfig:
     (generation tasks; non-differentiable, each forward of the pair is a generate call). auto: choice for
     classification tasks, loss otherwise (filled in by resolve_run_config from the task's kind)."""
     eval_every: int = 0
-    """Evaluate on dev every K steps (0: only zero-shot and final)."""
+    """Evaluate on dev every K steps (0: only zero-shot and final). MeZO: 4000 (mezo.sh:13)."""
+    select: Select = "last"
+    """Which weights the run reports test at besides the final ones. last: only the final. dev_loss: also the
+    checkpoint with the lowest dev loss (the training objective on dev) among the evaluations every
+    train.eval_every steps, as MeZO (mezo.sh:61-62, HF's load_best_model_at_end). dev_metric: the highest dev
+    accuracy/F1. The best checkpoint is kept in checkpoints/ (named by checkpoints/best) whatever
+    train.keep_checkpoints says."""
     eval_batch_size: int = 32
     """Examples per evaluation forward per rank."""
     save_every: int = 0
@@ -117,6 +144,9 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.grad_accum and train.eval_batch_size must be >= 1")
         if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("train.eval_every, train.save_every and train.keep_checkpoints must be >= 0")
+        if self.select != "last" and self.eval_every == 0 and self.steps > 0:
+            raise ValueError(f"train.select={self.select} picks among dev evaluations: set train.eval_every > 0 "
+                             "(MeZO: 4000)")
 
 
 @dataclass(frozen=True)
@@ -236,18 +266,34 @@ def load_saved_run_config(path: str | Path, overrides: Sequence[str] = ()) -> Ru
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
     """``cfg`` with the settings that derive from others filled in; a resolved tree comes back unchanged.
 
-    * ``train.objective`` auto -> choice for classification tasks, loss otherwise (the kind of ``data.task``);
+    * ``train.objective`` auto -> the task's (MeZO: choice for classification, loss for COPA, ReCoRD and
+      generation tasks; :mod:`zo_deepspeed.tasks.protocol`);
+    * ``data.num_train``, ``num_dev``, ``num_test``, ``max_length``, ``max_new_tokens`` null -> the task's
+      (MeZO's; prepare_run then lowers a defaulted ``max_length`` to the model's context,
+      tasks.protocol.fit_max_length); ``data.test_seed`` null -> ``zo.seed``;
     * ``zo.total_steps`` 0 -> ``train.steps`` (the horizon of a linear/cosine schedule);
     * ``zo.perturb`` auto -> forward, or partition (``train.objective=f1``, partition-only restore modes).
 
     The adapter's zo defaults are applied by :func:`load_run_config`, the one place that knows which zo keys
     were set explicitly (explicit values win)."""
-    train, zo = cfg.train, cfg.zo
-    if train.objective == "auto":
+    train, zo, data = cfg.train, cfg.zo, cfg.data
+    task = None
+    if train.objective == "auto" or any(getattr(data, k) is None for k in _TASK_DEFAULTS):
         from .tasks import get_task
 
-        kind = get_task(cfg.data.task).kind
-        train = replace(train, objective="choice" if kind == "classification" else "loss")
+        task = get_task(data.task)
+    if train.objective == "auto":
+        train = replace(train, objective=task.resolved_objective())
+    fill = {}
+    if task is not None:
+        from .tasks.protocol import data_defaults
+
+        defaults = data_defaults(task)
+        fill = {k: defaults[k] for k in _TASK_DEFAULTS if getattr(data, k) is None}
+    if data.test_seed is None:
+        fill["test_seed"] = zo.seed
+    if fill:
+        data = replace(data, **fill)
     if zo.total_steps == 0 and train.steps > 0:
         zo = replace(zo, total_steps=train.steps)
     if zo.perturb == "auto":  # f1: each loss is a generate() call, which decodes one model at a time
@@ -255,7 +301,12 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
     elif zo.perturb == "forward" and train.objective == "f1":
         raise ValueError("train.objective=f1 scores generate() calls, which decode one model at a time, and "
                          "zo.perturb=forward reads K perturbed models in one forward; set zo.perturb=partition")
-    return cfg if (train, zo) == (cfg.train, cfg.zo) else replace(cfg, train=train, zo=zo)
+    if (train, zo, data) == (cfg.train, cfg.zo, cfg.data):
+        return cfg
+    return replace(cfg, train=train, zo=zo, data=data)
+
+
+_TASK_DEFAULTS = ("num_train", "num_dev", "num_test", "max_length", "max_new_tokens")
 
 
 # -- help ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ Adding a task takes one file::
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import re
@@ -34,7 +35,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 
 from . import metrics as _metrics
 from .files import (DATA_EXTENSIONS, Row, TaskDataError, TaskFileNotFoundError, _example_id, _is_null,
-                    read_table)
+                    is_saved_dataset, read_table)
 
 SPLITS = ("train", "dev", "test")
 _SPLIT_ALIASES = {"validation": "dev", "val": "dev", "valid": "dev", "eval": "dev"}
@@ -51,6 +52,8 @@ class Example:
     answers: gold answers (generation; ReCoRD also lists its gold entities here).
     alt_labels: further candidate indices that also count as correct (ReCoRD entity aliases).
     target: training target text for generation (default " " + answers[0]).
+    train_label: the candidate trained on and shown as a demonstration, where it is not ``label``
+        (ReCoRD: MeZO trains on the first gold answer in sorted order, run.py ``correct_candidate[0]``).
     """
     id: str
     prompt: str
@@ -61,6 +64,7 @@ class Example:
     target: str | None = None
     task: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    train_label: int | None = None
 
     @property
     def kind(self) -> str:
@@ -83,7 +87,7 @@ class Example:
         if self.candidates:
             if self.label is None:
                 raise TaskDataError(f"example {self.id} ({self.task or 'task'}) has no gold label to train on")
-            return self.candidates[self.label]
+            return self.candidates[self.label if self.train_label is None else self.train_label]
         if self.target is not None:
             return self.target
         if not self.answers:
@@ -124,7 +128,52 @@ class Task:
     #: MeZO protocol: test examples come from the labeled dev/validation file; dev from the train file
     test_source: ClassVar[str] = "dev"
     dev_source: ClassVar[str] = "train"
+    # MeZO's run settings, the defaults of a run's data.* and train.objective (their MeZO sources:
+    # zo_deepspeed/tasks/protocol.py)
+    default_num_train: ClassVar[int] = 1000
     default_num_dev: ClassVar[int] = 500
+    default_num_test: ClassVar[int] = 1000
+    default_max_length: ClassVar[int] = 2048
+    #: None: "choice" for classification, "loss" for generation
+    default_objective: ClassVar[str | None] = None
+    #: generation only: greedy tokens decoded (MeZO: 50), stopping at the newline token or EOS
+    max_new_tokens: ClassVar[int] = 50
+    #: between in-context demonstrations (MeZO: Dataset.train_sep)
+    demo_separator: ClassVar[str] = "\n\n"
+    #: how build_splits draws subsets: "mezo" (a numpy permutation of the file's rows seeded with the run seed,
+    #: as MeZO's Dataset.sample_subset, so a seed picks the same examples) or "python" (random.Random)
+    sampler: ClassVar[str] = "mezo"
+    #: names :meth:`with_options` accepts (per-run switches of how rows become examples)
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def resolved_objective(self) -> str:
+        """The training objective of ``train.objective=auto`` for this task."""
+        return self.default_objective or ("choice" if self.kind == "classification" else "loss")
+
+    def with_options(self, **options: Any) -> "Task":
+        """A copy of this (registered, shared) task with per-run options set, e.g. BoolQ's ``keep_title``."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"task {self.name} has no option {unknown[0]!r} (options: {', '.join(self.options) or 'none'})")
+        if all(getattr(self, k) == v for k, v in options.items()):
+            return self
+        clone = copy.copy(self)
+        for k, v in options.items():
+            setattr(clone, k, v)
+        return clone
+
+    def demonstration(self, example: Example) -> str:
+        """The example with its gold option or answer, as an in-context demonstration (MeZO utils.py:124:
+        ``template.verbalize(sample, correct_candidate).strip()``)."""
+        return (example.prompt + example.target_text()).strip()
+
+    def calibration_prompt(self, example: Example) -> str:
+        """What precedes each candidate when scoring its calibration (surface-form competition) term: MeZO's
+        ``template.encode_sfc``; empty for most templates."""
+        if self.kind != "classification":
+            raise ValueError(f"{self.name}: calibration scores candidates; generation tasks have none "
+                             "(MeZO raises NotImplementedError for SQuAD/DROP)")
+        return ""
 
     # -- rows -> examples -------------------------------------------------------------------------
     def examples_from_row(self, row: Row, *, layout: str, require_label: bool) -> list[Example]:
@@ -192,9 +241,12 @@ class Task:
                                     f"{split} split; keep one of them")
             if found:
                 return found[0]
+            if is_saved_dataset(data_dir / stem):  # datasets' save_to_disk: a split folder (or a DatasetDict's)
+                return data_dir / stem
         tried = "|".join(stems)
         raise TaskFileNotFoundError(f"{self.name}: no {split} file in {data_dir} "
-                                    f"(looked for {{{tried}}}{{{'|'.join(DATA_EXTENSIONS)}}})")
+                                    f"(looked for {{{tried}}}{{{'|'.join(DATA_EXTENSIONS)}}}, or a datasets "
+                                    f"save_to_disk folder {{{tried}}}/)")
 
     def load_split(self, split: str, data_dir: str | Path | None = None, *,
                    require_labels: bool = True) -> list[Example]:
@@ -301,8 +353,11 @@ class GenerationTask(Task):
         """Cut a raw generation at the stop sequence and strip it."""
         return postprocess_generation(generated, self.stop_sequence)
 
-    def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> dict[str, float]:
-        preds = [self.postprocess(p) for p in predictions]
+    def score(self, examples: Sequence[Example], predictions: Sequence[str], *, raw: bool = True) -> dict[str, float]:
+        """F1 and EM. ``raw``: ``predictions`` are raw continuations, cut at the first stop sequence first; False:
+        they are final answers already (what :func:`~zo_deepspeed.tasks.generate_answers` returns: decoded up to
+        the newline token or EOS and stripped, MeZO's rule), scored as they are."""
+        preds = [self.postprocess(p) for p in predictions] if raw else [str(p).strip() for p in predictions]
         golds = []
         for ex in examples:
             if not ex.answers:

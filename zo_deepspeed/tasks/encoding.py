@@ -3,8 +3,11 @@
 Token layout of one row: [tokenizer's leading special token, if it adds one (e.g. BOS)] + prompt
 tokens + option tokens. Prompt and option are tokenized separately (no special tokens) and
 concatenated, so the option tokens are exactly the option's own tokens. Too-long rows lose prompt
-tokens from the left; the option is never truncated. Batches are right-padded to the longest row
-(``labels`` = -100 on prompt and padding, i.e. the loss is only on the option tokens, as MeZO's
+tokens from the left, the leading special token kept (MeZO utils.py:167-170); the option is never truncated.
+:func:`truncation_report` counts the rows that lose tokens. A row with neither a leading special token nor
+prompt tokens (an empty calibration prompt) gets the tokenizer's BOS (else EOS) as its one context token, so
+that its first option token is scored too. Batches are right-padded to the longest row, never to
+``max_length`` (``labels`` = -100 on prompt and padding, i.e. the loss is only on the option tokens, as MeZO's
 ``only_train_option``). ``labels`` are aligned with ``input_ids`` (the model shifts them).
 """
 from __future__ import annotations
@@ -16,8 +19,29 @@ from .base import Example, TaskDataError, postprocess_generation
 IGNORE_INDEX = -100
 
 
+class LeadingIds:
+    """A tokenizer whose rows start with ``ids`` instead of what the tokenizer prepends (MeZO sets OPT's BOS to 0,
+    run.py:175-176): everything else is the wrapped tokenizer's. The wrapped tokenizer itself is left as it is
+    (an export saves it unchanged)."""
+
+    def __init__(self, tokenizer, ids: Sequence[int]):
+        self._tokenizer = tokenizer
+        self.leading_ids = list(ids)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
 def _leading_special_ids(tokenizer) -> list[int]:
-    """[bos] if the tokenizer prepends its BOS token by default, else []."""
+    """[bos] if the tokenizer prepends its BOS token by default, else [] (a :class:`LeadingIds` says itself)."""
+    if isinstance(tokenizer, LeadingIds):
+        return list(tokenizer.leading_ids)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return []
@@ -37,6 +61,15 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _start_ids(tokenizer) -> list[int]:
+    """The one context token of a row that would otherwise have none: BOS, else EOS."""
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return [int(value)]
+    raise ValueError("an empty prompt needs a context token, and the tokenizer has neither BOS nor EOS")
 
 
 def _join(prefix: list[int], prompt_ids: list[int], option_ids: list[int], max_length: int, ex: Example,
@@ -91,9 +124,10 @@ def encode_for_training(tokenizer, examples: Sequence[Example], max_length: int,
     targets = [ex.target_text() for ex in examples]
     prompt_ids = _tokenize(tokenizer, [ex.prompt for ex in examples])
     target_ids = _tokenize(tokenizer, targets)
+    start = [] if prefix or all(prompt_ids) else _start_ids(tokenizer)
     rows = []
     for ex, p, t, text in zip(examples, prompt_ids, target_ids, targets):
-        rows.append((_join(prefix, p, t, max_length, ex, text), len(t)))
+        rows.append((_join(prefix or (start if not p else []), p, t, max_length, ex, text), len(t)))
     return _collate(rows, _pad_id(tokenizer), pad_to_multiple_of, return_tensors)
 
 
@@ -114,10 +148,12 @@ def encode_candidates(tokenizer, examples: Sequence[Example], max_length: int, *
     # tokenize each distinct option once (fixed verbalizers repeat across examples)
     distinct = list(dict.fromkeys(flat_options))
     option_ids = dict(zip(distinct, _tokenize(tokenizer, distinct)))
+    start = [] if prefix or all(prompt_ids) else _start_ids(tokenizer)
     rows = []
     for (i, j), cand in zip(mapping, flat_options):
         ids = option_ids[cand]
-        rows.append((_join(prefix, prompt_ids[i], ids, max_length, examples[i], cand), len(ids)))
+        lead = prefix or (start if not prompt_ids[i] else [])
+        rows.append((_join(lead, prompt_ids[i], ids, max_length, examples[i], cand), len(ids)))
     return _collate(rows, _pad_id(tokenizer), pad_to_multiple_of, return_tensors), mapping
 
 
@@ -238,7 +274,8 @@ def encode_prompts(tokenizer, examples: Sequence[Example], max_length: int, *, p
     budget = max_length - len(prefix)
     if budget < 1:
         raise ValueError(f"max_length={max_length} leaves no room for the prompt")
-    seqs = [prefix + ids[max(0, len(ids) - budget):] for ids in _tokenize(tokenizer, [generation_prompt(e) for e in examples])]
+    seqs = [(prefix or ([] if ids else _start_ids(tokenizer))) + ids[max(0, len(ids) - budget):]
+            for ids in _tokenize(tokenizer, [generation_prompt(e) for e in examples])]
     if not seqs:
         raise ValueError("nothing to encode: no examples")
     width = max(len(s) for s in seqs)
@@ -259,21 +296,88 @@ def encode_prompts(tokenizer, examples: Sequence[Example], max_length: int, *, p
     return batch
 
 
+def newline_stop_ids(tokenizer, stop: str = "\n") -> list[int]:
+    """Token ids generation stops at: the last token of ``stop`` and EOS (MeZO run.py:218:
+    ``eos_token_id=[tokenizer.encode(eos_token)[-1], tokenizer.eos_token_id]`` with eos_token "\n")."""
+    ids = []
+    if stop:
+        encoded = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if encoded:
+            ids.append(int(encoded[-1]))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and int(eos) not in ids:
+        ids.append(int(eos))
+    return ids
+
+
 def generate_answers(model, tokenizer, examples: Sequence[Example], max_length: int, *, device=None,
-                     synced: bool = False, max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations (raw text, special tokens dropped) of the examples' prompts, one batch.
+                     synced: bool = False, max_new_tokens: int = 50, stop: str = "\n") -> list[str]:
+    """Greedy answers to the examples' prompts, one batch, decoded as MeZO decodes them (run.py:215-221).
+
+    The prompt keeps at most ``max_length - max_new_tokens`` tokens (MeZO utils.py:162-163 reserves room for
+    the answer); decoding is greedy for at most ``max_new_tokens`` tokens and stops at the last token of ``stop``
+    (the newline token) or EOS; the text up to there, special tokens dropped, stripped, is the answer. A newline
+    inside a longer token ("\n\n") does not stop decoding, as in MeZO. Score the answers as MeZO does with
+    ``task.score(examples, answers, raw=False)``, or their first line with ``task.score(examples, answers)``.
 
     ``synced``: set under ZeRO-3 with several ranks. Each rank then keeps running forwards until every
     rank has finished decoding, because every forward gathers parameters collectively; without it a
     rank that stops early leaves the others waiting in an all-gather forever.
     """
-    batch = encode_prompts(tokenizer, examples, max_length)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_length - max_new_tokens < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for a prompt after {max_new_tokens} new tokens; "
+                         "raise data.max_length or lower data.max_new_tokens")
+    batch = encode_prompts(tokenizer, examples, max_length - max_new_tokens)
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
+    stops = newline_stop_ids(tokenizer, stop)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
-                         pad_token_id=_pad_id(tokenizer))
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                         pad_token_id=_pad_id(tokenizer), eos_token_id=stops)
+    answers = []
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))  # the rest is padding
+        answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return answers
 
 
-__all__ = ["generate_answers", "IGNORE_INDEX", "encode_for_training", "encode_candidates", "sequence_losses", "pick_prediction",
+def truncation_report(tokenizer, examples: Sequence[Example], max_length: int, *, reserve: int = 0,
+                      targets: bool = False) -> dict[str, int]:
+    """How many examples lose prompt tokens to ``max_length`` (never silently: the trainer logs this per split).
+
+    Each example's row is its prompt plus its longest candidate (classification), plus its target
+    (``targets``: a training row), or its prompt alone with ``reserve`` tokens kept free for generation. Returns
+    ``{"n", "truncated", "longest"}`` (longest: the longest row in tokens, before truncation) and, for
+    generation prompts, ``"answer_cut"``: examples whose gold answer appears in the prompt but no longer in the
+    part that is kept (e.g. a SQuAD answer span before the last ``max_length`` tokens).
+    """
+    prefix = len(_leading_special_ids(tokenizer))
+    prompts = _tokenize(tokenizer, [ex.prompt for ex in examples])
+    options = {}
+    texts = [c for ex in examples for c in (ex.candidates if not targets else [ex.target_text()])]
+    if texts:
+        distinct = list(dict.fromkeys(texts))
+        options = {t: len(ids) for t, ids in zip(distinct, _tokenize(tokenizer, distinct))}
+    report = {"n": len(examples), "truncated": 0, "longest": 0}
+    generation = any(not ex.candidates for ex in examples) and not targets
+    if generation:
+        report["answer_cut"] = 0
+    for ex, ids in zip(examples, prompts):
+        opts = [ex.target_text()] if targets else ex.candidates
+        extra = max((options[o] for o in opts), default=0) if opts else reserve
+        total = prefix + len(ids) + extra
+        report["longest"] = max(report["longest"], total)
+        if total <= max_length:
+            continue
+        report["truncated"] += 1
+        if generation and ex.answers:
+            keep = max(0, max_length - reserve - prefix)
+            kept = tokenizer.decode(ids[len(ids) - keep:] if keep else [], skip_special_tokens=True)
+            if any(a in ex.prompt for a in ex.answers) and not any(a in kept for a in ex.answers):
+                report["answer_cut"] += 1
+    return report
+
+
+__all__ = ["generate_answers", "newline_stop_ids", "truncation_report", "LeadingIds", "IGNORE_INDEX", "encode_for_training", "encode_candidates", "sequence_losses", "pick_prediction",
            "score_candidates", "single_token_candidates", "generation_prompt", "gold_answers", "encode_prompts", "postprocess_generation"]

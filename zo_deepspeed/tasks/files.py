@@ -1,5 +1,6 @@
-"""Local data files: reading one (format by extension, SQuAD-style JSON detected), rows as read-only
-views with one-line errors, and the task data errors."""
+"""Local data files: reading one (format by extension; a JSON file's layout by its content: JSON lines, a list of
+records, SQuAD's ``{"data": [...]}``, DROP's ``{passage_id: {passage, qa_pairs}}``; a ``datasets``
+``save_to_disk`` folder), rows as read-only views with one-line errors, and the task data errors."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["DATA_EXTENSIONS", "TaskDataError", "TaskFileNotFoundError", "Row", "read_table"]
+__all__ = ["DATA_EXTENSIONS", "TaskDataError", "TaskFileNotFoundError", "Row", "read_table", "is_saved_dataset"]
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -86,8 +87,23 @@ def _is_blank(path: Path) -> bool:
     return True
 
 
-def _json_records_field(path: Path) -> str | None:
-    """'data' for a SQuAD-style ``{"version": ..., "data": [...]}`` file, else None (records/JSON lines)."""
+class _Records:
+    """Rows built in Python (DROP's official file), with the two things loading reads of a ``datasets.Dataset``."""
+
+    def __init__(self, rows: list[dict]):
+        self._rows = rows
+        self.column_names = list(dict.fromkeys(k for r in rows for k in r))
+        self.num_rows = len(rows)
+
+    def to_list(self) -> list[dict]:
+        return [dict(r) for r in self._rows]
+
+
+def _json_object(path: Path) -> tuple[str, Any] | None:
+    """What a file holding one JSON object is: ("squad", None) for SQuAD's ``{"version", "data": [...]}``,
+    ("drop", rows) for DROP's official ``{passage_id: {"passage", "qa_pairs", ...}}`` (one row per passage, its id
+    as ``section_id``); None for JSON lines, a list of records or one record. An object of nested objects or lists
+    that is neither: TaskDataError."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if not head.startswith(b"{"):
@@ -98,8 +114,20 @@ def _json_records_field(path: Path) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None  # JSON lines
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-        return "data"
-    return None
+        return "squad", None
+    if isinstance(obj, dict) and obj and all(isinstance(v, dict) and "qa_pairs" in v for v in obj.values()):
+        return "drop", [{"section_id": k, **v} for k, v in obj.items()]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, (dict, list)) for v in obj.values()):
+        return None  # one record (a one-row JSON file)
+    keys = ", ".join(list(obj)[:5])
+    raise TaskDataError(f"{path} holds one JSON object (keys: {keys}) that is none of the known layouts: JSON lines "
+                        "or a list of records (SuperGLUE, HF datasets exports), SQuAD's {\"data\": [...]}, DROP's "
+                        "{passage_id: {\"passage\", \"qa_pairs\"}}")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``datasets.Dataset.save_to_disk``."""
+    return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
 def _bad_line(path: Path) -> str | None:
@@ -128,15 +156,27 @@ def _bad_line(path: Path) -> str | None:
 def read_table(path: str | Path):
     """Load one local data file with ``datasets.load_dataset`` and return the ``datasets.Dataset``.
 
-    Formats by extension: .jsonl/.json (JSON lines, a JSON list, or SQuAD's ``{"data": [...]}``),
-    .csv, .tsv (GLUE: tab-separated, no quoting), .parquet. Raises :class:`TaskDataError` (one line)
-    for a missing, empty or unreadable file.
+    Formats by extension: .jsonl/.json (JSON lines, a JSON list, SQuAD's ``{"data": [...]}``, or DROP's official
+    ``{passage_id: {...}}``, told apart by content), .csv, .tsv (GLUE: tab-separated, no quoting), .parquet; or a
+    ``save_to_disk`` folder. Raises :class:`TaskDataError` (one line) for a missing, empty or unreadable file.
     """
     path = Path(path)
     if not path.exists():
         raise TaskFileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
-        raise TaskDataError(f"expected a data file but got a directory: {path}")
+        if (path / "dataset_dict.json").is_file():
+            raise TaskDataError(f"{path} is a datasets DatasetDict folder (save_to_disk): pass it as the data directory "
+                                f"(its split folders are found) or load one split folder, e.g. {path}/train")
+        if not is_saved_dataset(path):
+            raise TaskDataError(f"expected a data file but got a directory: {path}")
+        from datasets import load_from_disk
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001 - report any reader failure as one line
+            raise TaskDataError(f"could not read {path} as a datasets save_to_disk folder: {_one_line(exc)}") from exc
+        if ds.num_rows == 0:
+            raise TaskDataError(f"empty dataset: {path} has no rows")
+        return ds
     suffix = path.suffix.lower()
     formats = {".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
                ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}), ".parquet": ("parquet", {})}
@@ -146,9 +186,11 @@ def read_table(path: str | Path):
     if suffix != ".parquet" and _is_blank(path):
         raise TaskDataError(f"empty dataset: {path} has no rows")
     if suffix == ".json":
-        records_field = _json_records_field(path)
-        if records_field:
-            kwargs = dict(kwargs, field=records_field)
+        layout = _json_object(path)
+        if layout and layout[0] == "squad":
+            kwargs = dict(kwargs, field="data")
+        elif layout and layout[0] == "drop":
+            return _Records(layout[1])
     from datasets import load_dataset
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)

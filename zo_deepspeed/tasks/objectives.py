@@ -70,8 +70,8 @@ class Objective:
         exs = batch["examples"]
         if self.name == "f1":
             # ``forward`` is unused: generate() drives the (perturbed) module itself, synced across ranks
-            preds = self.generate(exs)
-            return _pair(-sum(self.task.score([ex], [p])["f1"] for ex, p in zip(exs, preds)), len(exs))
+            preds = self.generate(exs)  # final answers (MeZO's decoding rule): scored as they are
+            return _pair(-sum(self.task.score([ex], [p], raw=False)["f1"] for ex, p in zip(exs, preds)), len(exs))
         preds, losses = score_candidates(forward, self.tokenizer, exs, self.max_length, batch_size=len(exs))
         if self.name == "accuracy":
             return _pair(-float(sum(int(p == ex.label) for p, ex in zip(preds, exs))), len(exs))

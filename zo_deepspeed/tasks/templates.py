@@ -10,7 +10,9 @@ Accepted file layouts (first = standard):
   rte       SuperGLUE: premise, hypothesis, label ("entailment"/"not_entailment" or 0/1);
             GLUE sentence1/sentence2 are accepted as aliases
   cb        SuperGLUE: premise, hypothesis, label ("entailment"/"contradiction"/"neutral" or 0/1/2)
-  boolq     SuperGLUE: passage, question, label (true/false or 0/1); Google BoolQ's "answer" accepted
+  boolq     SuperGLUE: passage, question, label (true/false or 0/1); Google BoolQ's "answer" accepted.
+            SuperGLUE prefixes each passage with "<title> -- "; MeZO's source (Google's BoolQ, HF "boolq")
+            has none: with_options(keep_title=False) (a run's default, data.boolq_title=false) strips it
   wsc       SuperGLUE: text, target{span1_text, span2_text}, label; or HF flat span1_text/span2_text
   wic       SuperGLUE: word, sentence1, sentence2, label
   multirc   SuperGLUE nested: passage{text, questions[{question, answers[{text, label}]}]};
@@ -19,9 +21,14 @@ Accepted file layouts (first = standard):
   record    SuperGLUE nested: passage{text, entities[{start, end}]}, qas[{query, answers[{text}]}];
             or HF flat: passage, query, entities (strings), answers (strings)
   squad     SQuAD JSON {"data": [{title, paragraphs[{context, qas[{id, question, answers[{text}]}]}]}]}
-            or HF flat: context, question, answers{text: [...]} (title optional);
-            unanswerable (SQuAD v2) questions are skipped
-  drop      HF flat: passage, question, answers_spans{spans: [...]} (or answers: [...])
+            (the official train-v1.1.json / dev-v1.1.json are found by name) or HF flat: context, question,
+            answers{text: [...]} (title optional); unanswerable (SQuAD v2) questions are skipped
+  drop      the official drop_dataset_{train,dev}.json {passage_id: {passage, qa_pairs[{question, query_id,
+            answer, validated_answers}]}}, read as HF's drop builder does; or HF flat: passage, question,
+            answers_spans{spans: [...]} (or answers: [...])
+
+Calibration prompts (MeZO's ``encode_sfc``): "It was" (SST-2), the conjunction (COPA), "-" (ReCoRD), empty for
+the others.
 """
 from __future__ import annotations
 
@@ -40,6 +47,9 @@ class SST2(ClassificationTask):
 
     def render(self, row: Row) -> str:
         return f"{row.text('sentence').strip()} It was"
+
+    def calibration_prompt(self, example: Example) -> str:
+        return "It was"
 
 
 @register_task("rte")
@@ -70,13 +80,23 @@ class BoolQ(ClassificationTask):
     field_aliases = {"label": ("answer",)}
     candidates = ("No", "Yes")
     label_map = dict(_BOOL_LABELS)
+    options = ("keep_title",)
+    keep_title = True  # the file as it is; MeZO's protocol strips SuperGLUE's "<title> -- " (data.boolq_title)
+
+    def passage(self, row: Row) -> str:
+        passage = row.text("passage")
+        if not self.keep_title and row.get("answer") is None:  # SuperGLUE (Google's files have "answer")
+            title, sep, rest = passage.partition(" -- ")
+            if sep and rest:
+                passage = rest
+        return passage
 
     def render(self, row: Row) -> str:  # MeZO BoolQTemplateV3
         question = row.text("question").strip()
         if not question.endswith("?"):
             question += "?"
         question = question[:1].upper() + question[1:]
-        return f"{row.text('passage')} {question}\n"
+        return f"{self.passage(row)} {question}\n"
 
 
 @register_task("wsc")
@@ -142,6 +162,7 @@ class COPA(ClassificationTask):
     layouts = {"superglue": ("premise", "choice1", "choice2", "question", "label")}
     label_map = {0: 0, 1: 1}
     default_num_dev = 100  # MeZO: COPA has 400 train examples
+    default_objective = "loss"  # MeZO: LM loss on the gold option (train_as_classification False)
 
     def render(self, row: Row) -> str:
         premise = row.text("premise").rstrip()
@@ -162,6 +183,9 @@ class COPA(ClassificationTask):
     def row_candidates(self, row: Row) -> list[str]:
         return [" " + self._lower_first(row.text("choice1")), " " + self._lower_first(row.text("choice2"))]
 
+    def calibration_prompt(self, example: Example) -> str:  # MeZO CopaTemplate.encode_sfc: the conjunction
+        return example.prompt.rsplit(" ", 1)[-1]
+
 
 @register_task("record")
 class ReCoRD(ClassificationTask):
@@ -169,6 +193,10 @@ class ReCoRD(ClassificationTask):
 
     layouts = {"superglue": ("passage", "qas"), "hf": ("passage", "query", "entities", "answers")}
     label_field = "answers"
+    default_objective = "loss"  # MeZO: LM loss on the gold option (train_as_classification False)
+
+    def calibration_prompt(self, example: Example) -> str:  # MeZO ReCoRDTemplateGPT3.encode_sfc
+        return "-"
 
     @staticmethod
     def prompt(passage: str) -> str:  # MeZO ReCoRDTemplateGPT3
@@ -185,9 +213,13 @@ class ReCoRD(ClassificationTask):
         if answers and not gold:
             raise row.error(f"answer {answers[0]!r} of example {ex_id} is not among its entities")
         candidates = [" " + query.replace("@placeholder", e) for e in unique]
+        # MeZO trains on (and demonstrates) correct_candidate[0]: the first of HF's sorted answers
+        first = sorted(set(answers))[0] if answers else None
+        train_label = unique.index(first) if first in unique else None
         return Example(id=ex_id, prompt=self.prompt(passage), candidates=candidates,
                        label=gold[0] if gold else None, alt_labels=tuple(gold[1:]), answers=list(answers),
-                       task=self.name, meta={"source": row.source, "row": row.index, "entities": unique})
+                       task=self.name, meta={"source": row.source, "row": row.index, "entities": unique},
+                       train_label=train_label if gold and train_label != gold[0] else None)
 
     def examples_from_row(self, row: Row, *, layout: str, require_label: bool) -> list[Example]:
         rid = _example_id(row, row.index)
@@ -233,6 +265,8 @@ def _answer_texts(value: Any) -> list[str]:
 @register_task("squad")
 class SQuAD(GenerationTask):
     layouts = {"squad": ("paragraphs",), "hf": ("context", "question", "answers")}
+    split_files = {"train": ("train", "train-v1.1", "train-v2.0"),
+                   "dev": ("val", "validation", "dev", "dev-v1.1", "dev-v2.0"), "test": ("test",)}
 
     @staticmethod
     def prompt(title: str, context: str, question: str) -> str:
@@ -268,9 +302,12 @@ class SQuAD(GenerationTask):
 
 @register_task("drop")
 class DROP(GenerationTask):
-    layouts = {"hf": ("passage", "question", "answers_spans"), "flat": ("passage", "question", "answers")}
+    layouts = {"hf": ("passage", "question", "answers_spans"), "flat": ("passage", "question", "answers"),
+               "official": ("passage", "qa_pairs")}
     label_field = "answers_spans"
     extra_label_fields = ("answers",)
+    split_files = {"train": ("train", "drop_dataset_train"),
+                   "dev": ("val", "validation", "dev", "drop_dataset_dev"), "test": ("test",)}
 
     def render(self, row: Row) -> str:
         return f"Passage: {row.text('passage')}\nQuestion: {row.text('question').strip()}\nAnswer:"
@@ -279,7 +316,44 @@ class DROP(GenerationTask):
         return _answer_texts(row["answers_spans"] if layout == "hf" else row["answers"])
 
     def examples_from_row(self, row: Row, *, layout: str, require_label: bool) -> list[Example]:
+        if layout == "official":
+            return self._official(row, require_label)
         key = "answers_spans" if layout == "hf" else "answers"
         answers = self.row_answers(row, layout) if (require_label or row.get(key) is not None) else []
         ex_id = str(row.get("query_id") or _example_id(row, row.index))
         return self.make_example(row, ex_id, self.render(row), answers, require_label)
+
+    def _official(self, row: Row, require_label: bool) -> list[Example]:
+        """One passage of the official file: an example per question, with HF's answers_spans (the drop
+        builder: the train file's "answer", the dev file's "validated_answers"; a number, a date as
+        "day month year", or each span). A question whose answers break that builder's rules is skipped, as
+        HF skips it (9 of train, 1 of dev)."""
+        passage = row.text("passage")
+        out = []
+        for qi, qa in enumerate(row["qa_pairs"]):
+            qa = row.sub(qa, "qa_pairs[]")
+            validated = qa.get("validated_answers") or []
+            answers = _drop_spans(validated if validated else [qa.get("answer") or {}])
+            if answers is None or (require_label and not answers):
+                continue
+            ex_id = str(qa.get("query_id") or f"{row.get('section_id', row.index)}-{qi}")
+            prompt = f"Passage: {passage}\nQuestion: {qa.text('question').strip()}\nAnswer:"
+            out.extend(self.make_example(row, ex_id, prompt, answers, require_label))
+        return out
+
+
+def _drop_spans(answers: list) -> list[str] | None:
+    """HF drop's build_answers: per answer its number, or its date ("day month year" joined by spaces, stripped),
+    or its spans; None (HF skips the question) where an answer has more than one of them, or none has any."""
+    spans: list[str] = []
+    for a in answers:
+        if not isinstance(a, Mapping):
+            return None
+        number = str(a.get("number") or "")
+        d = a.get("date") or {}
+        date = " ".join(str(d.get(k) or "") for k in ("day", "month", "year")).strip() if isinstance(d, Mapping) else ""
+        parts = [str(x) for x in (a.get("spans") or [])]
+        if sum(bool(x) for x in (number, date, parts)) > 1:
+            return None
+        spans.extend([number] if number else [date] if date else parts)
+    return spans or None

@@ -392,6 +392,42 @@ def test_perturb_preference():
     assert p.chosen.blocks == 4 and zo_settings(p.chosen) == "zo.perturb=forward zo.restore=none zo.q=2"
 
 
+def test_estimator_and_perturbation_parallelism():
+    """K per rank: 2q (spsa), q + 1 (fzoo); perturbation parallelism splits the seeds over P ranks (fzoo's clean
+    block on each). The activations are activations() at the rank's K, nothing else changes; the text says what
+    the layout costs and the run line's global batch counts data groups, not ranks."""
+    from zo_deepspeed.planner import Hardware, Layout, activations, estimate, load_model_shape, plan, zo_settings
+
+    s = load_model_shape("opt-13b")
+    hw = Hardware(4, 1, 80, 256)
+    lay = Layout(3, "none")
+    for est, q, P, K in (("spsa", 4, 1, 8), ("spsa", 4, 2, 4), ("spsa", 4, 4, 2), ("fzoo", 4, 1, 5),
+                         ("fzoo", 4, 2, 3), ("fzoo", 8, 4, 3)):
+        e = estimate(s, hw, lay, "bf16", "none", "same", 2, 512, perturb="forward", q=q, estimator=est,
+                     perturb_parallel=P)
+        assert e.blocks == K and e.forwards == (2 * q if est == "spsa" else q + 1)
+        assert e.activations == activations(s, 2, 512, 2, blocks=K)
+        ref = estimate(s, hw, lay, "bf16", "none", "same", 2, 512, perturb="forward", q=1)  # K = 2
+        for k in ("partition", "gathered", "read_temporary", "fused_scratch", "nccl"):
+            assert e.per_gpu[k] == ref.per_gpu[k], k
+    # partition mode runs the fzoo step's q + 1 forwards one after the other: one block each
+    e = estimate(s, hw, lay, "bf16", "master", "same", 2, 512, perturb="partition", q=4, estimator="fzoo")
+    assert e.blocks == 1 and e.forwards == 5
+    with pytest.raises(ValueError, match="needs perturb=forward"):
+        estimate(s, hw, lay, "bf16", "master", "same", 2, 512, perturb="partition", q=4, perturb_parallel=2)
+    p = plan("opt-13b", gpus_per_node=4, gpu_mem=80, cpu_mem=256, batch=4, q=4, estimator="fzoo", perturb_parallel=2)
+    assert p.chosen.perturb == "forward" and p.chosen.blocks == 3
+    assert zo_settings(p.chosen).endswith("zo.q=4 zo.estimator=fzoo zo.perturb_parallel=2")
+    note = next(n for n in p.notes if n.startswith("zo.perturb_parallel=2"))
+    assert "2 data group(s) x 2 perturbation groups" in note and "2 x 5 float64" in note
+    assert "holds 3 blocks instead of 5" in note
+    assert p.to_dict()["chosen"]["zo"]["perturb_parallel"] == 2
+    from zo_deepspeed.planner import format_plan
+
+    text = format_plan(p)
+    assert "train.batch_size=8 " in text and "4 x 2 data groups x grad_accum" in text
+
+
 def test_forward_mode_step_builds_no_autograd_graph():
     import torch
     from transformers import AutoModelForCausalLM, OPTConfig
@@ -432,7 +468,8 @@ def test_cli_plan_text_and_json(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["fits"] and d["chosen"]["per_gpu_gib"]["total"] <= 40 and d["ds_config"]["zero_optimization"]
     assert d["perturb"] == "auto" and d["q"] == 1 and d["chosen"]["blocks"] == 2
-    assert d["chosen"]["zo"] == {"perturb": "forward", "restore": "none", "base_device": "same", "q": 1}
+    assert d["chosen"]["zo"] == {"perturb": "forward", "restore": "none", "base_device": "same", "q": 1,
+                                 "estimator": "spsa", "perturb_parallel": 1}
     assert d["chosen"]["per_gpu_gib"]["read_temporary"] > 0 and d["chosen"]["per_gpu_gib"]["restore_copy"] == 0
     # the printed command line is runnable: its overrides are what the trainer reads, and its ds_config exists
     for args, want in ((["--model", "opt-1.3b", "--q", "2"], ("forward", "none", 2, "same")),
@@ -486,6 +523,11 @@ def test_cli_plan_config_path(capsys, tmp_path):
     (["--model", "opt-13b", "--perturb", "partition", "--restore", "none"], "only zo.perturb=forward"),
     (["--model", "opt-13b", "--dtype", "fp16", "--restore", "none"], "--restore master with fp16"),
     (["--model", "opt-13b", "--q", "0"], "--q must be a positive integer"),
+    (["--model", "opt-13b", "--estimator", "fzoo"], "set zo.q >= 2"),
+    (["--model", "opt-13b", "--q", "3", "--gpus-per-node", "6", "--perturb-parallel", "2"], "must divide zo.q=3"),
+    (["--model", "opt-13b", "--q", "2", "--perturb-parallel", "2"], "must divide the world size 1"),
+    (["--model", "opt-13b", "--q", "2", "--gpus-per-node", "2", "--perturb-parallel", "2", "--perturb", "partition"],
+     "set zo.perturb=forward"),
 ])
 def test_cli_plan_bad_input(capsys, args, needle):
     from zo_deepspeed.cli import main

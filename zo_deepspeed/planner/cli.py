@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import RESTORE_MODES
+from ..estimators import ESTIMATORS
 from .memory import CONSTANTS, DTYPE_BYTES, OFFLOADS, TORCH_DTYPE, GiB
 from .planning import PLAN_BASE_DEVICES, PLAN_PERTURB, Plan, plan, zo_settings
 from .shapes import MODEL_NAMES
@@ -44,9 +45,12 @@ def format_plan(p: Plan) -> str:
         f"hardware   {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) of {hw.gpu_mem_gib:g} GiB, "
         f"{hw.cpu_mem_gib:g} GiB host memory per node (world size {hw.world})",
         f"workload   {p.dtype}, micro-batch {p.batch} x {p.seq} tokens per GPU "
-        f"(train.batch_size = {p.batch} x {hw.world} x grad_accum), q = {e.q}: "
+        f"(train.batch_size = {p.batch} x {hw.world // e.perturb_parallel} "
+        f"{'data groups ' if e.perturb_parallel > 1 else ''}x grad_accum), q = {e.q}: "
         + (f"one forward of K x B = {e.blocks} x {p.batch} stacked per step (zo.perturb=forward)"
-           if e.perturb == "forward" else f"{2 * e.q} forwards of B = {p.batch} per step (zo.perturb=partition)"),
+           if e.perturb == "forward" else f"{e.forwards} forwards of B = {p.batch} per step (zo.perturb=partition)")
+        + (f", zo.estimator={e.estimator}" if e.estimator != "spsa" else "")
+        + (f", zo.perturb_parallel={e.perturb_parallel}" if e.perturb_parallel != 1 else ""),
         f"layout     {e.layout.label}",
         f"ds_config  {e.ds_config_file}",
         f"zo         {zo_settings(e)}",
@@ -85,7 +89,7 @@ def format_plan(p: Plan) -> str:
         launcher = ("zo-deepspeed train" if hw.world == 1 else f"GPUS={hw.gpus_per_node} launch/single_node.sh"
                     if hw.nodes == 1 else "launch/multi_node.sh (or launch/slurm.sbatch)")
         lines.append(f"run with   {launcher} --ds-config {ds} model.dtype={TORCH_DTYPE[p.dtype]} "
-                     f"train.batch_size={p.batch * hw.world} {zo_settings(e)}")
+                     f"train.batch_size={p.batch * hw.world // e.perturb_parallel} {zo_settings(e)}")
     if not p.fits and p.min_nodes_no_offload:
         k = p.min_nodes_no_offload
         lines.append(f"           {k * hw.gpus_per_node} such GPUs ({k} node(s) of {hw.gpus_per_node}) hold it without "
@@ -118,6 +122,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "no restore copy) where its K-times activations fit, else partition")
     ap.add_argument("--q", type=int, default=1, help="zo.q, perturbations per step (default 1); forward mode "
                                                      "stacks K = 2q copies of the batch")
+    ap.add_argument("--estimator", default="spsa", choices=ESTIMATORS,
+                    help="zo.estimator: spsa (K = 2q models per step, default) or fzoo (q one-sided + one clean: "
+                         "K = q + 1)")
+    ap.add_argument("--perturb-parallel", type=int, default=1, metavar="P",
+                    help="zo.perturb_parallel: P ranks of a data group evaluate different seeds of the step on the "
+                         "same data (forward mode; P divides --q and the world size; default 1)")
     ap.add_argument("--restore", default="auto", choices=RESTORE_MODES,
                     help="zo.restore; auto: none for zo.perturb=forward (master for fp16); for partition: exact "
                          "restore (master, then backup for bf16) where it fits, else inplace")
@@ -136,7 +146,7 @@ def run(args) -> int:
     """The ``plan`` subcommand: 0 if it fits, 1 if it does not; bad input raises ValueError."""
     p = plan(args.model, args.gpus_per_node, args.nodes, args.gpu_mem, args.cpu_mem, args.offload, args.dtype,
              args.batch, args.seq, args.restore, args.base_device, args.attention, args.kv_cache,
-             perturb=args.perturb, q=args.q)
+             perturb=args.perturb, q=args.q, estimator=args.estimator, perturb_parallel=args.perturb_parallel)
     print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
     if getattr(args, "ds_config_out", None):
         out = Path(args.ds_config_out)

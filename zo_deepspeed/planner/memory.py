@@ -140,7 +140,7 @@ class Estimate:
     restore: str
     base_device: str
     perturb: str           # forward | partition
-    q: int                 # perturbations per step; forward mode stacks K = 2q blocks of the batch
+    q: int                 # perturbations per step; forward mode stacks K = 2q blocks of the batch (spsa)
     ds_config_file: str
     ds_config: dict
     generated: bool
@@ -155,6 +155,13 @@ class Estimate:
     gathered_elements: int
     gpu_cap: int           # bytes per GPU
     host_cap: int          # host bytes per node
+    estimator: str = "spsa"  # zo.estimator: spsa (K = 2q) or fzoo (K = q + 1)
+    perturb_parallel: int = 1  # zo.perturb_parallel: ranks of a data group share the step's q seeds
+
+    @property
+    def forwards(self) -> int:
+        """The models a step evaluates (all ranks together): K = 2q (spsa) or q + 1 (fzoo)."""
+        return local_blocks(self.estimator, self.q)
 
     @property
     def fits(self) -> bool:
@@ -166,8 +173,16 @@ class Estimate:
 
     @property
     def blocks(self) -> int:
-        """Copies of the batch in one forward: K = 2q in forward mode, 1 in partition mode."""
-        return 2 * self.q if self.perturb == "forward" else 1
+        """Copies of the batch in one rank's forward: forward mode its share of the K blocks (all K unless
+        perturbation-parallel: 2q / P for spsa, q / P + 1 for fzoo, whose clean block every rank evaluates);
+        partition mode 1 (the K forwards run one after the other)."""
+        return local_blocks(self.estimator, self.q, self.perturb_parallel) if self.perturb == "forward" else 1
+
+
+def local_blocks(estimator: str, q: int, perturb_parallel: int = 1) -> int:
+    """Blocks one rank's stacked forward holds (estimators.local_blocks for a perturbation group's share)."""
+    share = q // perturb_parallel
+    return 2 * share if estimator == "spsa" else share + 1
 
 
 @dataclass
@@ -184,9 +199,10 @@ class Hardware:
 
 def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restore: str, base_device: str,
              batch: int, seq: int, *, attention: str = "sdpa", kv_cache: bool = False, perturb: str = "partition",
-             q: int = 1) -> Estimate:
+             q: int = 1, estimator: str = "spsa", perturb_parallel: int = 1) -> Estimate:
     """Per-GPU and per-node bytes of one candidate (layout, perturbation mode, restore mode, restore-copy
-    device) with ``q`` perturbations per step.
+    device) with ``q`` perturbations per step, ``estimator`` spsa or fzoo (the step's K = 2q or q + 1 models) and
+    ``perturb_parallel`` P (forward mode: each rank's forward holds its share of the blocks, :func:`local_blocks`).
 
     ``perturb="partition"``: every forward is one of batch ``batch`` (2q of them per step, one after the
     other); the restore copy of ``restore`` (master 4 B, backup 2 B per local parameter).
@@ -201,10 +217,17 @@ def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restor
                          f"{', '.join(_RESTORES_OF[perturb])} (config.ZOConfig's rules)")
     if not isinstance(q, int) or q < 1:
         raise ValueError(f"q={q!r}; use an integer >= 1")
+    if estimator not in ("spsa", "fzoo"):
+        raise ValueError(f"estimator={estimator!r}; use spsa or fzoo")
+    if not isinstance(perturb_parallel, int) or perturb_parallel < 1 or q % perturb_parallel \
+            or hw.world % perturb_parallel:
+        raise ValueError(f"perturb_parallel={perturb_parallel!r} must divide q={q} and the world size {hw.world}")
+    if perturb_parallel > 1 and perturb != "forward":
+        raise ValueError("perturb_parallel > 1 needs perturb=forward (ranks evaluate different blocks)")
     b = DTYPE_BYTES[dtype]
     W, gpn = hw.world, hw.gpus_per_node
     P = shape.n_params
-    K = 2 * q if perturb == "forward" else 1
+    K = local_blocks(estimator, q, perturb_parallel) if perturb == "forward" else 1
     ds_file, ds_cfg, generated = _ds_config_for(layout, dtype)
     zero = {**_DEFAULT_ZERO, **ds_cfg.get("zero_optimization", {})}
     local = P if layout.stage == 0 else sum(math.ceil(n / W) for n in shape.param_numel)
@@ -249,6 +272,7 @@ def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restor
     host_total = sum(v for k, v in n.items() if k.startswith("host"))
     disk = (local * b - host_resident) * gpn if layout.offload == "nvme" else 0
     return Estimate(layout=layout, restore=restore, base_device="same" if base_on_gpu else "cpu", perturb=perturb, q=q,
+                    estimator=estimator, perturb_parallel=perturb_parallel,
                     ds_config_file=ds_file, ds_config=ds_cfg, generated=generated, per_gpu=g, per_node=n,
                     gpu_total=gpu_total, host_total=host_total, disk_per_node=disk,
                     fits_gpu=gpu_total <= hw.gpu_mem_gib * GiB, fits_host=host_total <= hw.cpu_mem_gib * GiB,

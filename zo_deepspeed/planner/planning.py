@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from ..config import BASE_DEVICES, PARTITION_ONLY_RESTORE, RESTORE_MODES, Perturb, ZOConfig
 from ..typed import choices
-from .memory import CONSTANTS, DTYPE_BYTES, GiB, OFFLOADS, Estimate, Hardware, Layout, estimate
+from .memory import CONSTANTS, DTYPE_BYTES, GiB, OFFLOADS, Estimate, Hardware, Layout, estimate, local_blocks
 from .shapes import ModelShape, activations, load_model_shape
 
 __all__ = ["Plan", "plan", "zo_settings", "PLAN_BASE_DEVICES", "PLAN_PERTURB"]
@@ -31,12 +31,15 @@ class Plan:
     min_nodes_no_offload: int | None = None
     perturb: str = "auto"  # what was asked (--perturb); the chosen candidate's mode is chosen.perturb
     q: int = 1
+    estimator: str = "spsa"
+    perturb_parallel: int = 1
 
     def to_dict(self) -> dict:
         def est(e: Estimate) -> dict:
             return {"layout": e.layout.label, "stage": e.layout.stage, "offload": e.layout.offload,
                     "hpz": e.layout.hpz, "ds_config_file": e.ds_config_file, "generated": e.generated,
-                    "zo": {"perturb": e.perturb, "restore": e.restore, "base_device": e.base_device, "q": e.q},
+                    "zo": {"perturb": e.perturb, "restore": e.restore, "base_device": e.base_device, "q": e.q,
+                           "estimator": e.estimator, "perturb_parallel": e.perturb_parallel},
                     "blocks": e.blocks, "overrides": zo_settings(e),
                     "per_gpu_gib": {k: v / GiB for k, v in e.per_gpu.items()} | {"total": e.gpu_total / GiB},
                     "per_node_gib": {k: v / GiB for k, v in e.per_node.items()} | {"host_total": e.host_total / GiB,
@@ -51,7 +54,7 @@ class Plan:
                           "kv_dim": m.kv_dim, "largest_param": m.largest_param},
                 "hardware": asdict(self.hardware) | {"world": self.hardware.world},
                 "dtype": self.dtype, "batch_per_gpu": self.batch, "seq": self.seq, "perturb": self.perturb,
-                "q": self.q,
+                "q": self.q, "estimator": self.estimator, "perturb_parallel": self.perturb_parallel,
                 "fits": self.fits, "verdict": self.verdict, "chosen": est(self.chosen),
                 "ds_config": self.chosen.ds_config,
                 "alternatives": [est(a) for a in self.alternatives], "notes": self.notes,
@@ -74,17 +77,21 @@ class Plan:
 
 
 def zo_settings(e: Estimate) -> str:
-    """The trainer overrides that go with an estimate: zo.perturb, zo.restore, zo.q when it is not 1, and
-    zo.base_device when a restore copy lives in host memory next to GPU-resident partitions."""
+    """The trainer overrides that go with an estimate: zo.perturb, zo.restore, zo.q when it is not 1, zo.estimator
+    and zo.perturb_parallel when not the defaults, and zo.base_device when a restore copy lives in host memory next
+    to GPU-resident partitions."""
     host_copy = e.base_device == "cpu" and e.layout.offload == "none" and e.restore in ("master", "backup")
     return (f"zo.perturb={e.perturb} zo.restore={e.restore}" + (f" zo.q={e.q}" if e.q != 1 else "")
+            + (f" zo.estimator={e.estimator}" if e.estimator != "spsa" else "")
+            + (f" zo.perturb_parallel={e.perturb_parallel}" if e.perturb_parallel != 1 else "")
             + (" zo.base_device=cpu" if host_copy else ""))
 
 
 Mode = tuple[str, str, str]  # (perturb, restore, base_device)
 
 
-def _modes(dtype: str, perturb: str, restore: str, base_device: str) -> tuple[list[Mode], list[Mode]]:
+def _modes(dtype: str, perturb: str, restore: str, base_device: str, q: int = 1, estimator: str = "spsa",
+           perturb_parallel: int = 1) -> tuple[list[Mode], list[Mode]]:
     """(exact, lossy) candidate modes in order of preference: forward mode first (exact in 16 bit without a copy,
     one gather per step, no host z work under offload), then partition mode with exact restore; lossy: MeZO's
     in-place restore of a 16-bit partition."""
@@ -93,9 +100,12 @@ def _modes(dtype: str, perturb: str, restore: str, base_device: str) -> tuple[li
             raise ValueError(f"--restore {r} needs bf16 or fp32 partitions (stochastic rounding of the update); "
                              "use --restore master with fp16")
     try:  # the combinations ZOConfig refuses, with its reason
-        ZOConfig(perturb=perturb, restore=restore)
+        ZOConfig(perturb=perturb, restore=restore, q=q, estimator=estimator, perturb_parallel=perturb_parallel)
     except ValueError as err:
-        raise ValueError(f"--perturb {perturb} --restore {restore}: {err}") from None
+        raise ValueError(f"--perturb {perturb} --restore {restore} --q {q} --estimator {estimator} "
+                         f"--perturb-parallel {perturb_parallel}: {err}") from None
+    if perturb_parallel > 1:  # ranks evaluate different blocks of one stacked forward: forward mode only
+        perturb = "forward"
     forward: list[str] = []
     if perturb == "forward" or (perturb == "auto" and restore not in PARTITION_ONLY_RESTORE):
         # update.resolve_restore: forward's auto is none, except fp16 (no stochastic rounding): master
@@ -134,9 +144,10 @@ def _layouts(hw: Hardware, offload: str) -> list[Layout]:
 
 
 def _check_inputs(hw: Hardware, dtype: str, offload: str, batch: int, seq: int, shape: ModelShape | None,
-                  restore: str, base_device: str, attention: str, perturb: str = "auto", q: int = 1) -> None:
+                  restore: str, base_device: str, attention: str, perturb: str = "auto", q: int = 1,
+                  estimator: str = "spsa", perturb_parallel: int = 1) -> None:
     for name, v in (("--gpus-per-node", hw.gpus_per_node), ("--nodes", hw.nodes), ("--batch", batch),
-                    ("--seq", seq), ("--q", q)):
+                    ("--seq", seq), ("--q", q), ("--perturb-parallel", perturb_parallel)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     for name, v in (("--gpu-mem", hw.gpu_mem_gib), ("--cpu-mem", hw.cpu_mem_gib)):
@@ -156,6 +167,11 @@ def _check_inputs(hw: Hardware, dtype: str, offload: str, batch: int, seq: int, 
         raise ValueError(f"--restore {restore!r}; use one of {', '.join(RESTORE_MODES)}")
     if base_device not in PLAN_BASE_DEVICES:
         raise ValueError(f"--base-device {base_device!r}; use one of {', '.join(PLAN_BASE_DEVICES)}")
+    if estimator not in ("spsa", "fzoo"):
+        raise ValueError(f"--estimator {estimator!r}; use spsa or fzoo")
+    if hw.world % perturb_parallel:
+        raise ValueError(f"--perturb-parallel {perturb_parallel} must divide the world size {hw.world} "
+                         "(--gpus-per-node x --nodes): ranks form world / P data groups of P")
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"--attention {attention!r}; use sdpa or eager")
     if shape is not None and shape.max_positions and seq > shape.max_positions:
@@ -165,25 +181,27 @@ def _check_inputs(hw: Hardware, dtype: str, offload: str, batch: int, seq: int, 
 def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80.0, cpu_mem: float = 256.0,
          offload: str = "auto", dtype: str = "bf16", batch: int = 1, seq: int = 512, restore: str = "auto",
          base_device: str = "auto", attention: str = "sdpa", kv_cache: bool = False, perturb: str = "auto",
-         q: int = 1) -> Plan:
+         q: int = 1, estimator: str = "spsa", perturb_parallel: int = 1) -> Plan:
     """The first candidate that fits, in order of preference (README: "How much memory").
 
     Placements, best first: parameters and restore copies on the GPU (replica, hpZ, ZeRO-3), restore copies in
     host memory, parameters offloaded (cpu, nvme). Within each, zo.perturb=forward first (``perturb`` auto or
     forward), then partition mode with exact restore; MeZO's lossy in-place restore (16 bit) after all of them.
-    ``q`` perturbations per step: forward mode's one forward stacks K = 2q copies of the ``batch``.
+    ``q`` perturbations per step: forward mode's one forward stacks K = 2q copies of the ``batch`` (``estimator``
+    fzoo: q + 1); ``perturb_parallel`` P > 1 (forward mode only): each rank stacks its share of them.
     """
     hw = Hardware(gpus_per_node, nodes, gpu_mem, cpu_mem)
-    _check_inputs(hw, dtype, offload, batch, seq, None, restore, base_device, attention, perturb, q)
-    exact, lossy = _modes(dtype, perturb, restore, base_device)
+    zk = dict(q=q, estimator=estimator, perturb_parallel=perturb_parallel)
+    _check_inputs(hw, dtype, offload, batch, seq, None, restore, base_device, attention, perturb, **zk)
+    exact, lossy = _modes(dtype, perturb, restore, base_device, **zk)
     shape = load_model_shape(model)
-    _check_inputs(hw, dtype, offload, batch, seq, shape, restore, base_device, attention, perturb, q)
+    _check_inputs(hw, dtype, offload, batch, seq, shape, restore, base_device, attention, perturb, **zk)
     layouts = _layouts(hw, offload)
 
     def ev(lay: Layout, m: Mode, hw_: Hardware = hw) -> Estimate:
         p, r, d = m
         return estimate(shape, hw_, lay, dtype, r, d, batch, seq, attention=attention, kv_cache=kv_cache,
-                        perturb=p, q=q)
+                        perturb=p, **zk)
 
     # preference: parameters and restore copies on the GPU, then restore copies in host memory, then
     # parameters offloaded; in each, the modes in _modes' order (forward first); lossy restore last
@@ -229,8 +247,11 @@ def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80
     if e.perturb == "forward":
         K = e.blocks
         part_act = activations(shape, batch, seq, DTYPE_BYTES[dtype], attention=attention, kv_cache=kv_cache)["peak"]
-        notes.append(f"zo.perturb=forward: one forward over K = 2q = {K} copies of the batch stacked along the batch "
-                     f"dimension (K x B = {K} x {batch} per GPU): activations scale with K ({gib(e.activations['peak'])} "
+        rule = "2q" if estimator == "spsa" else "q + 1"
+        share = f" (this rank's share of the step's {e.forwards})" if perturb_parallel > 1 else ""
+        notes.append(f"zo.perturb=forward: one forward over K = {K} copies of the batch{share} stacked along the batch "
+                     f"dimension (K x B = {K} x {batch} per GPU; zo.estimator={estimator}: K = {rule} per step): "
+                     f"activations scale with K ({gib(e.activations['peak'])} "
                      f"GiB here; one forward of B = {batch}: {gib(part_act)} GiB)")
         notes.append(f"zo.perturb=forward never perturbs the partition (zo.restore={e.restore}: "
                      f"{'no restore copy' if e.restore == 'none' else 'the float32 master copy'}); each module reads "
@@ -243,11 +264,21 @@ def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80
                      "averages more directions")
         if e.layout.stage == 3:
             notes.append("ZeRO-3 gathers every parameter once per step (partition mode: twice per perturbation)")
+        if perturb_parallel > 1:
+            groups = hw.world // perturb_parallel
+            notes.append(f"zo.perturb_parallel={perturb_parallel}: {groups} data group(s) x {perturb_parallel} "
+                         f"perturbation groups; the {perturb_parallel} ranks of a data group read the same "
+                         f"train.batch_size / {groups} examples and evaluate q / {perturb_parallel} = "
+                         f"{q // perturb_parallel} of the step's seeds each. What it costs: every rank still gathers "
+                         "the whole model once per step and applies all q seeds in its update pass (q z streams "
+                         f"per element); the one all-reduce carries 2 x {e.forwards} float64 per step. What it "
+                         f"saves: each rank's forward holds {K} blocks instead of {local_blocks(estimator, q)}, so "
+                         "the step's forward time and activations fall by about that ratio")
     if e.restore == "inplace" and dtype != "fp32":
         notes.append("zo.restore=inplace in 16 bit is MeZO's scheme: the +eps/-eps round trip drifts the weights "
                      "(see bench/RESULTS.md drift); zo.perturb=forward (no copy) or master/backup restore exactly")
     if e.base_device == "cpu" and e.layout.offload == "none" and e.restore in ("master", "backup"):
-        passes = "1 pass (the update)" if e.perturb == "forward" else f"{2 * e.q} passes"
+        passes = "1 pass (the update)" if e.perturb == "forward" else f"{e.forwards} passes"
         notes.append("the restore copy lives in host memory and is streamed through the GPU in 4 Mi-element "
                      f"chunks at every pass (PCIe traffic: {passes} x the copy per step)")
     if e.layout.offload != "none":
@@ -257,8 +288,8 @@ def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80
                          f"({e.q} z stream{'s' if e.q > 1 else ''} per element; partition mode: {2 * e.q} passes, "
                          f"3 z evaluations per element at q = 1, and {2 * e.q} forwards copying every layer)")
         else:
-            notes.append(f"offload_param {e.layout.offload}: each of the {2 * e.q} forwards of a step copies every "
-                         f"layer to the GPU, and the perturbation passes ({2 * e.q} per step, 3 z evaluations per "
+            notes.append(f"offload_param {e.layout.offload}: each of the {e.forwards} forwards of a step copies every "
+                         f"layer to the GPU, and the perturbation passes ({e.forwards} per step, 3 z evaluations per "
                          "element at q = 1) run on the host CPUs over the host-resident partitions")
     if e.layout.offload == "nvme":
         notes.append(f"NVMe: {e.disk_per_node / GiB:.1f} GiB per node on the disk at $ZO_NVME_PATH "
@@ -293,4 +324,4 @@ def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80
                 min_nodes = k
                 break
     return Plan(model=shape, hardware=hw, dtype=dtype, batch=batch, seq=seq, chosen=chosen, fits=fits,
-                alternatives=alts, notes=notes, min_nodes_no_offload=min_nodes, perturb=perturb, q=q)
+                alternatives=alts, notes=notes, min_nodes_no_offload=min_nodes, perturb=perturb, **zk)

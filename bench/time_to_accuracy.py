@@ -1,0 +1,179 @@
+"""Time to accuracy: the default job's dev/test accuracy against wall time and against forwards, per ZO method.
+
+Every arm is the CLI itself (``zo-deepspeed train``) on the default job (SmolLM2-135M-Instruct, Rotten Tomatoes
+1000 train / 200 dev / 500 test, seed 0, batch 16, the ``choice`` objective), so every arm sees the same examples
+in the same batch order (``trainer.batch_indices``: a pure function of (seed, step)). Dev is evaluated every
+``--eval-every`` steps and the run keeps its best dev checkpoint (``train.select=dev_metric``), whose test accuracy
+is the arm's result; the lr of each method is the one of its sweep with the best dev accuracy.
+
+Methods (``zo.perturb=forward`` throughout: one stacked forward of K copies of the batch per step):
+
+* ``mezo``   : MeZO-SGD, K = 2 (zo.q=1);
+* ``qspsa4`` : q-SPSA batched, q = 4, K = 8 (the update averages the 4 estimates);
+* ``fzoo4``  : the FZOO-style estimator, 4 one-sided Rademacher perturbations + the clean model, K = 5; its step
+  is normalised by the losses' spread, so its lr grid sits higher;
+* ``prefix`` : prefix tuning (5 tokens; MeZO's lr 1e-2 / eps 1e-1 scale);
+* ``lora``   : LoRA (r 8; MeZO's eps 1e-2 scale).
+
+"forwards" counts model evaluations of one batch (steps x K), the unit the ZO literature compares; wall time is
+that of this machine, measured by each run's metrics.jsonl. The backprop + AdamW reference of bench/long_run
+(same data and batch order) is drawn next to them when its metrics are there.
+
+    python bench/time_to_accuracy.py sweep --steps 400 --eval-every 50 [--methods mezo,fzoo4] [--threads 2]
+    python bench/time_to_accuracy.py report      # table into RESULTS.md, plots/time_to_accuracy.png
+
+``sweep`` is resumable: a finished arm (summary.json) is skipped, an interrupted one continues with ``--resume``;
+checkpoints of finished arms are deleted (their trajectory.jsonl rebuilds the weights with ``zo-deepspeed
+replay``), so the folder stays small enough to commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common as C  # noqa: E402  (puts the repository root on sys.path)
+
+OUT = C.BENCH / "time_to_accuracy"
+PLOT = C.BENCH / "plots" / "time_to_accuracy.png"
+
+# name -> (overrides, K blocks per step, lr grid)
+METHODS: dict[str, tuple[tuple[str, ...], int, tuple[float, ...]]] = {
+    "mezo": (("zo.q=1",), 2, (2e-6, 5e-6, 1e-5)),
+    "qspsa4": (("zo.q=4",), 8, (5e-6, 1e-5, 2e-5)),
+    "fzoo4": (("zo.estimator=fzoo", "zo.q=4", "zo.distribution=rademacher"), 5, (2e-5, 5e-5, 1e-4)),
+    "prefix": (("adapter.mode=prefix",), 2, (3e-3, 1e-2, 3e-2)),
+    "lora": (("adapter.mode=lora",), 2, (3e-5, 1e-4, 3e-4)),
+}
+
+
+def arm_dir(method: str, lr: float) -> Path:
+    return OUT / f"{method}_lr{lr:g}"
+
+
+def run_arm(method: str, lr: float, args) -> None:
+    out = arm_dir(method, lr)
+    if (out / "summary.json").exists():
+        print(f"[time_to_accuracy] {out.name}: done, skipped", flush=True)
+        return
+    overrides, _, _ = METHODS[method]
+    argv = ["train", f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
+            "train.select=dev_metric", "train.keep_checkpoints=1", f"train.save_every={args.eval_every}",
+            f"train.output_dir={out}", "train.export=false", "train.zero_shot_eval=false", "zo.perturb=forward",
+            f"zo.lr={lr:g}", *overrides, *args.set]
+    if (out / "trajectory.jsonl").exists():
+        argv.append("--resume")
+    cmd = [sys.executable, "-m", "zo_deepspeed", *argv]
+    print("+", " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(args.threads))
+    t0 = time.time()
+    rc = subprocess.call(cmd, env=env)
+    if rc:
+        raise SystemExit(f"time_to_accuracy: arm {out.name} failed (exit {rc}); rerun sweep to resume it")
+    (out / "wall.json").write_text(json.dumps({"wall_s": time.time() - t0, "argv": argv, "threads": args.threads}))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the trajectory rebuilds the weights
+
+
+def sweep(args) -> None:
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"time_to_accuracy: unknown method {unknown[0]!r}; use {', '.join(METHODS)}")
+    # lr-major: every method's first lr before any second one, so a stopped sweep still covers every method
+    for i in range(max(len(METHODS[m][2]) for m in methods)):
+        for m in methods:
+            if i < len(METHODS[m][2]):
+                run_arm(m, METHODS[m][2][i], args)
+
+
+def load_arm(d: Path) -> dict | None:
+    """One arm's dev curve (step, wall s since its first step, dev accuracy), summary and s/step; None if unfinished."""
+    if not (d / "summary.json").exists():
+        return None
+    recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in recs if "loss" in r]
+    t0 = steps[0]["time"] - (steps[1]["time"] - steps[0]["time"] if len(steps) > 1 else 0.0)
+    dev = [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in recs if "dev/accuracy" in r]
+    span = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
+    span.sort()
+    return {"summary": json.loads((d / "summary.json").read_text()), "dev": dev,
+            "s_per_step": span[len(span) // 2] if span else float("nan")}
+
+
+def report(args) -> None:
+    rows, curves = [], {}
+    for m, (overrides, K, lrs) in METHODS.items():
+        arms = {lr: load_arm(arm_dir(m, lr)) for lr in lrs}
+        done = {lr: a for lr, a in arms.items() if a is not None}
+        if not done:
+            continue
+        best_dev = {lr: max(v for _, _, v in a["dev"]) for lr, a in done.items()}
+        lr = max(done, key=lambda x: best_dev[x])
+        a = done[lr]
+        res = a["summary"]["results"]
+        test_best = res.get("best", res["final"])["value"]
+        sweep_txt = ", ".join(f"{x:g}: {best_dev[x]:.3f}" for x in lrs if x in done) + \
+            ("" if len(done) == len(lrs) else f" ({len(lrs) - len(done)} unfinished)")
+        rows.append((m, K, lr, best_dev[lr], test_best, res["final"]["value"], a["summary"]["steps"],
+                     a["summary"]["steps"] * K, a["s_per_step"], sweep_txt, " ".join(overrides)))
+        curves[m] = (K, a["dev"])
+    if not rows:
+        raise SystemExit(f"time_to_accuracy: no finished arm under {OUT}; run sweep first")
+    table = ["| method | K | lr (chosen) | best dev acc | test at best dev | test final | steps | forwards | s/step | "
+             "dev acc per lr | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {m} | {K} | {lr:g} | {dv:.3f} | {tb:.3f} | {tf:.3f} | {st} | {fw} | {sps:.2f} | {sw} | `{ov}` |"
+              for m, K, lr, dv, tb, tf, st, fw, sps, sw, ov in rows]
+    _plot(curves)
+    C.write_results("time_to_accuracy", "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n",
+                    " ".join(sys.argv))
+    print("\n".join(table))
+
+
+def _plot(curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_w, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
+    for m, (K, dev) in curves.items():
+        ax_w.plot([t / 60 for _, t, _ in dev], [v for *_, v in dev], marker="o", label=m)
+        ax_f.plot([s * K for s, _, _ in dev], [v for *_, v in dev], marker="o", label=m)
+    bp = C.BENCH / "long_run" / "backprop" / "metrics.jsonl"
+    if bp.exists():
+        recs = [json.loads(line) for line in bp.read_text().splitlines() if line.strip()]
+        t0 = recs[0]["time"]
+        dev = [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in recs if "dev/accuracy" in r]
+        ax_w.plot([t / 60 for _, t, _ in dev], [v for *_, v in dev], "k--", label="backprop + AdamW")
+    ax_w.set_xlabel("wall time (min, this 2-core CPU)")
+    ax_f.set_xlabel("forwards (steps x K)")
+    for ax in (ax_w, ax_f):
+        ax.set_ylabel("dev accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sw = sub.add_parser("sweep", help="run every method at every lr of its grid (resumable)")
+    sw.add_argument("--steps", type=int, default=400)
+    sw.add_argument("--eval-every", type=int, default=50)
+    sw.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    sw.add_argument("--threads", type=int, default=2, help="OMP threads per arm (arms run one after the other)")
+    sw.add_argument("--set", action="append", default=[], help="extra dotted override for every arm")
+    sub.add_parser("report", help="table into RESULTS.md and the plot")
+    args = ap.parse_args()
+    sweep(args) if args.cmd == "sweep" else report(args)
+
+
+if __name__ == "__main__":
+    main()

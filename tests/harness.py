@@ -45,6 +45,17 @@ Z0 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
 Z3_BF16 = {**z3(), "bf16": {"enabled": True}}
 
 
+def z3_nvme(swap_dir: Path) -> dict:
+    """ZeRO-3 with offload_param nvme into ``swap_dir``: small swap buffers (4 x 5 M elements), so a tiny model's
+    large parameters are swapped in and out in batches; one aio thread."""
+    return {"train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(swap_dir),
+                                                                "pin_memory": False, "buffer_count": 4,
+                                                                "buffer_size": 5_000_000}},
+            "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True,
+                    "thread_count": 1}}
+
+
 def shipped_ds(name: str) -> dict:
     """ds_configs/<name>.json, loaded by the library's loader."""
     from zo_deepspeed.ds_config import load_ds_config

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from harness import (Z0, Z3, Z3_BF16, Z3_OFF, Z3_T0, ZO, compare, compare_steps, reference, rel_err, replayed,
-                     save_batches, scenario, tiny_llama, worker_result, worker_weights, z3)
+                     save_batches, scenario, tiny_llama, worker_result, worker_weights, z3, z3_nvme)
 
 pytestmark = pytest.mark.dist
 
@@ -87,12 +87,7 @@ def test_two_ranks_nvme_offload(tmp_path, ranks):
     are swapped in, edited and swapped out in batches; smaller ones stay in host memory."""
     tiny_llama(save_to=tmp_path / "llama", vocab_size=8000, hidden_size=128, intermediate_size=512)
     batches = save_batches(tmp_path / "b.pt", 8000, n_steps=3)
-    ds = {"train_micro_batch_size_per_gpu": 1,
-          "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "swap"),
-                                                              "pin_memory": False, "buffer_count": 4,
-                                                              "buffer_size": 5_000_000}},
-          "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True,
-                  "thread_count": 1}}
+    ds = z3_nvme(tmp_path / "swap")
     ranks(2, [scenario("nvme", tmp_path / "llama", ds, ZO, tmp_path / "b.pt", tmp_path)], tmp_path)
     got = compare(tmp_path / "nvme", *reference(tmp_path / "llama", ZO, batches))
     assert got["kind"] == "zero3-nvme" and got["nvme_swapped"] >= 1

@@ -17,7 +17,7 @@ import torch
 import zo_deepspeed as zd
 from harness import (FORWARD, Z0, Z3, Z3_BF16, Z3_OFF, Z3_T0, ZO, compare, compare_steps, make_batches, reference,
                      reference_engine, rel_err, replayed, save_batches, scenario, tiny_llama, tiny_opt, worker_result,
-                     worker_weights)
+                     worker_weights, z3_nvme)
 from zo_deepspeed.perturb import _linear_into
 
 MASTER = {**ZO, "restore": "master"}  # partition mode with exact restore: the same arithmetic as forward mode
@@ -218,12 +218,7 @@ def test_four_ranks_hpz_and_nvme(tmp_path, ranks):
     big = tmp_path / "big"
     tiny_llama(save_to=big, vocab_size=8000, hidden_size=128, intermediate_size=512)
     nb = save_batches(tmp_path / "nb.pt", 8000, n_steps=3)
-    nvme = {"train_micro_batch_size_per_gpu": 1,
-            "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "swap"),
-                                                                "pin_memory": False, "buffer_count": 4,
-                                                                "buffer_size": 5_000_000}},
-            "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True,
-                    "thread_count": 1}}
+    nvme = z3_nvme(tmp_path / "swap")
     ranks(2, [scenario("nvme", big, nvme, FORWARD, tmp_path / "nb.pt", tmp_path)], tmp_path)
     got = compare(tmp_path / "nvme", *reference(big, MASTER, nb))
     assert got["kind"] == "zero3-nvme" and got["nvme_swapped"] >= 1

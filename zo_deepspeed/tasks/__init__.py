@@ -17,8 +17,8 @@ MeZO's per-task run settings and their sources: :mod:`.protocol`; in-context dem
 :mod:`.icl`.
 """
 from .base import (DATA_EXTENSIONS, ClassificationTask, Example, GenerationTask, Row, Task, TaskDataError,
-                   TaskFileNotFoundError, get_task, list_tasks, normalize_split, postprocess_generation, read_table,
-                   register_task)
+                   TaskFileNotFoundError, normalize_split, postprocess_generation, read_table)
+from .registry import get_task, list_tasks, register_task
 from .encoding import (IGNORE_INDEX, LeadingIds, encode_candidates, encode_for_training, encode_prompts,
                        generate_answers, generation_prompt, gold_answers, newline_stop_ids, pick_prediction,
                        score_candidates, sequence_losses, single_token_candidates, truncation_report)

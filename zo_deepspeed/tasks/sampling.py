@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from .base import Example, Task, TaskDataError, get_task
+from .base import Example, Task, TaskDataError
+from .registry import get_task
 
 
 def permutation(n: int, seed: int, method: str = "python") -> list[int]:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .base import ClassificationTask, Example, GenerationTask, Row, _example_id, register_task
+from .base import ClassificationTask, Example, GenerationTask, Row, _example_id
+from .registry import register_task
 
 _BOOL_LABELS = {0: 0, 1: 1, "false": 0, "true": 1, "no": 0, "yes": 1}
 

@@ -52,12 +52,12 @@ METHODS: dict[str, tuple[tuple[str, ...], int, tuple[float, ...]]] = {
 }
 
 
-def arm_dir(method: str, lr: float) -> Path:
-    return OUT / f"{method}_lr{lr:g}"
+def arm_dir(method: str, lr: float, out: Path = OUT) -> Path:
+    return Path(out) / f"{method}_lr{lr:g}"
 
 
 def run_arm(method: str, lr: float, args) -> None:
-    out = arm_dir(method, lr)
+    out = arm_dir(method, lr, args.out)
     if (out / "summary.json").exists():
         print(f"[time_to_accuracy] {out.name}: done, skipped", flush=True)
         return
@@ -108,7 +108,7 @@ def load_arm(d: Path) -> dict | None:
 def report(args) -> None:
     rows, curves = [], {}
     for m, (overrides, K, lrs) in METHODS.items():
-        arms = {lr: load_arm(arm_dir(m, lr)) for lr in lrs}
+        arms = {lr: load_arm(arm_dir(m, lr, args.out)) for lr in lrs}
         done = {lr: a for lr, a in arms.items() if a is not None}
         if not done:
             continue
@@ -123,15 +123,17 @@ def report(args) -> None:
                      a["summary"]["steps"] * K, a["s_per_step"], sweep_txt, " ".join(overrides)))
         curves[m] = (K, a["dev"])
     if not rows:
-        raise SystemExit(f"time_to_accuracy: no finished arm under {OUT}; run sweep first")
+        raise SystemExit(f"time_to_accuracy: no finished arm under {args.out}; run sweep first")
     table = ["| method | K | lr (chosen) | best dev acc | test at best dev | test final | steps | forwards | s/step | "
              "dev acc per lr | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {m} | {K} | {lr:g} | {dv:.3f} | {tb:.3f} | {tf:.3f} | {st} | {fw} | {sps:.2f} | {sw} | `{ov}` |"
               for m, K, lr, dv, tb, tf, st, fw, sps, sw, ov in rows]
-    _plot(curves)
-    C.write_results("time_to_accuracy", "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n",
-                    " ".join(sys.argv))
     print("\n".join(table))
+    if args.no_write:
+        return
+    _plot(curves)
+    C.write_section("time_to_accuracy", "Time to accuracy: ZO methods on the default job",
+                    "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n")
 
 
 def _plot(curves: dict) -> None:
@@ -170,7 +172,10 @@ def main() -> None:
     sw.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     sw.add_argument("--threads", type=int, default=2, help="OMP threads per arm (arms run one after the other)")
     sw.add_argument("--set", action="append", default=[], help="extra dotted override for every arm")
-    sub.add_parser("report", help="table into RESULTS.md and the plot")
+    rp = sub.add_parser("report", help="table into RESULTS.md and the plot")
+    rp.add_argument("--no-write", action="store_true", help="print the table only")
+    for p in (sw, rp):
+        p.add_argument("--out", type=Path, default=OUT, help=f"the arms' run directories (default {OUT})")
     args = ap.parse_args()
     sweep(args) if args.cmd == "sweep" else report(args)
 

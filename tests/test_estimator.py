@@ -37,17 +37,20 @@ def quad_loss(forward, batch):
     return forward(), torch.tensor(1.0, dtype=torch.float64)
 
 
-def test_projected_gradient_is_unbiased_on_a_quadratic():
+@pytest.mark.parametrize("q", [1, 4])
+def test_projected_gradient_is_unbiased_on_a_quadratic(q):
+    """MeZO (q = 1) and q-SPSA (q = 4; its stacked forward equals these blocks one after the other, test_estimators):
+    the update direction, the mean of the q estimates g_j z_j, averages to the true gradient."""
     m = Quadratic()
     # fp64 losses and a small eps: g*z averages to the true gradient
-    eng = zd.initialize(m, None, zd.ZOConfig(lr=0.0, eps=1e-4, seed=3), loss_fn=quad_loss)
+    eng = zd.initialize(m, None, zd.ZOConfig(lr=0.0, eps=1e-4, seed=3, q=q), loss_fn=quad_loss)
     est = torch.zeros(27, dtype=torch.float64)
-    n = 3000
+    n = 3000 // q  # the same number of directions
     for _ in range(n):
         r = eng.step({})
-        s = r.seeds[0]
-        z = torch.cat([variates(stream_key(s, "w"), 0, 20), variates(stream_key(s, "v"), 0, 7)]).double()
-        est += r.g[0] * z
+        for s, g in zip(r.seeds, r.g):
+            z = torch.cat([variates(stream_key(s, "w"), 0, 20), variates(stream_key(s, "v"), 0, 7)]).double()
+            est += g * z / q
     est /= n
     true = m.grad()
     cos = torch.nn.functional.cosine_similarity(est, true, dim=0).item()

@@ -305,6 +305,13 @@ def results(ctx):
     assert snapshot(ctx["m"]) == model_before, "a case wrote into the shared model folder"
     new = sorted(set(p.name for p in cases.iterdir()) - set(cwd_before) - {"out.json", "spec.json"})
     assert not new, f"written into the cwd: {new}"
+    if os.environ.get("ZO_GUARD_TABLE"):  # the case table of a report: id, command, exit status, the error line
+        rows = ["| case | command | exit | error line |", "|---|---|---|---|"]
+        for cid, argv, *_ in CASES:
+            rc, err = out[cid][0], out[cid][1]
+            line = next((ln for ln in err.splitlines() if ": error:" in ln), err.strip()[-200:])
+            rows.append(f"| {cid} | `zo-deepspeed {' '.join(argv)}` | {rc} | {line.replace('|', '/')} |")
+        Path(os.environ["ZO_GUARD_TABLE"]).write_text("\n".join(rows) + "\n")
     return {cid: (out[cid][0], out[cid][1], cases / cid, before[cid]) for cid, *_ in CASES}
 
 

@@ -119,15 +119,25 @@ def report(args) -> None:
         test_best = res.get("best", res["final"])["value"]
         sweep_txt = ", ".join(f"{x:g}: {best_dev[x]:.3f}" for x in lrs if x in done) + \
             ("" if len(done) == len(lrs) else f" ({len(lrs) - len(done)} unfinished)")
+        to80 = next((s * K for s, _, v in a["dev"] if v >= 0.80), None)  # forwards to dev accuracy 0.80
+        to_best = next(s * K for s, _, v in a["dev"] if v == best_dev[lr])  # forwards to the best dev point
         rows.append((m, K, lr, best_dev[lr], test_best, res["final"]["value"], a["summary"]["steps"],
-                     a["summary"]["steps"] * K, a["s_per_step"], sweep_txt, " ".join(overrides)))
+                     a["summary"]["steps"] * K, a["s_per_step"], to80, to_best, sweep_txt, " ".join(overrides)))
         curves[m] = (K, a["dev"])
     if not rows:
         raise SystemExit(f"time_to_accuracy: no finished arm under {args.out}; run sweep first")
+    ref = next((r for r in rows if r[0] == "mezo"), None)  # the ratios are against MeZO-SGD's forwards
+
+    def ratio(x, y):
+        return f"{x / y:.2f}" if x is not None and y else "-"
+
     table = ["| method | K | lr (chosen) | best dev acc | test at best dev | test final | steps | forwards | s/step | "
-             "dev acc per lr | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {m} | {K} | {lr:g} | {dv:.3f} | {tb:.3f} | {tf:.3f} | {st} | {fw} | {sps:.2f} | {sw} | `{ov}` |"
-              for m, K, lr, dv, tb, tf, st, fw, sps, sw, ov in rows]
+             "forwards to dev 0.80 (/ MeZO) | forwards to best dev (/ MeZO) | dev acc per lr | overrides |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {m} | {K} | {lr:g} | {dv:.3f} | {tb:.3f} | {tf:.3f} | {st} | {fw} | {sps:.2f} | "
+              f"{t80 if t80 is not None else 'not reached'} ({ratio(t80, ref[9] if ref else None)}) | "
+              f"{tb_} ({ratio(tb_, ref[10] if ref else None)}) | {sw} | `{ov}` |"
+              for m, K, lr, dv, tb, tf, st, fw, sps, t80, tb_, sw, ov in rows]
     print("\n".join(table))
     if args.no_write:
         return
@@ -171,7 +181,7 @@ def main() -> None:
     sw.add_argument("--eval-every", type=int, default=50)
     sw.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     sw.add_argument("--threads", type=int, default=2, help="OMP threads per arm (arms run one after the other)")
-    sw.add_argument("--set", action="append", default=[], help="extra dotted override for every arm")
+    sw.add_argument("--set", action="extend", nargs="+", default=[], help="extra dotted overrides for every arm")
     rp = sub.add_parser("report", help="table into RESULTS.md and the plot")
     rp.add_argument("--no-write", action="store_true", help="print the table only")
     for p in (sw, rp):

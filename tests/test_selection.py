@@ -74,6 +74,9 @@ def test_best_dev_metric_picks_the_mid_run_checkpoint(tiny_lm_dir, data, tmp_pat
     assert at_best == [(2, summary["results"]["best"]["value"])]
     assert summary["results"]["final"]["value"] == [r["test/accuracy"] for r in m if "test/accuracy" in r][-1]
     assert "at the best dev checkpoint (step 2" in p.stdout
+    # the closing lines: the final weights' step, then the best checkpoint's result
+    assert "(3 ZO steps; run dir" in p.stdout
+    assert f"at the best dev checkpoint (step 2) accuracy: {summary['results']['best']['value']:.4f}" in p.stdout
 
     # the test number at "best" is the step-2 weights': replay the log's first 2 steps and score by hand
     lines = (run / "trajectory.jsonl").read_text().splitlines()

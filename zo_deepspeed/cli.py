@@ -138,7 +138,10 @@ def _train(args) -> int:
         if z is not None:
             print(f"zero-shot {z.metric}: {z.value:.4f}")
         model = f"; model {tr.run_dir / 'export'}" if tr.cfg.train.export else ""
-        print(f"fine-tuned {f.metric}: {f.value:.4f}  ({tr.engine.step_count} ZO steps; run dir {tr.run_dir}{model})")
+        print(f"fine-tuned {f.metric}: {f.value:.4f}  ({f.step} ZO steps; run dir {tr.run_dir}{model})")
+        b = summary.get("best")
+        if b is not None and b.step != f.step:  # train.select: the weights MeZO reports
+            print(f"at the best dev checkpoint (step {b.step}) {b.metric}: {b.value:.4f}")
     return 0
 
 

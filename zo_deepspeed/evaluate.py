@@ -26,6 +26,7 @@ class EvalResult:
     metric: str
     value: float
     n: int
+    step: int | None = None  # the step of the weights evaluated (the trainer sets it)
 
 
 @dataclass

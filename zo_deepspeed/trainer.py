@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 import signal
 import sys
 from pathlib import Path
@@ -216,8 +217,8 @@ class Trainer:
 
     def evaluate(self, split: str) -> EvalResult:
         """Collective. The task metric on ``split`` at the current weights, printed and logged."""
-        res = self.evaluator.evaluate(split, self.setup.splits[split])
         step = self.engine.step_count
+        res = replace(self.evaluator.evaluate(split, self.setup.splits[split]), step=step)
         if res.n == 0:  # never a NaN in metrics.jsonl (_check_splits refuses the runs that would get here)
             self._print(f"{split}: no examples; not evaluated (step {step})")
             return res
@@ -266,7 +267,7 @@ class Trainer:
                 self._print(f"test at the best dev checkpoint skipped: {path.name} cannot be loaded at this world size "
                             f"and layout ({e})")
                 return None
-            res = self.evaluator.evaluate("test", self.setup.splits["test"])
+            res = replace(self.evaluator.evaluate("test", self.setup.splits["test"]), step=b["step"])
         self._print(f"test {res.metric} at the best dev checkpoint (step {b['step']}, {b['key']} {b['value']:.6f}): "
                     f"{res.value:.4f} on {res.n} examples")
         if self.metrics is not None:

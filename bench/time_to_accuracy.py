@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -100,9 +101,8 @@ def load_arm(d: Path) -> dict | None:
     t0 = steps[0]["time"] - (steps[1]["time"] - steps[0]["time"] if len(steps) > 1 else 0.0)
     dev = [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in recs if "dev/accuracy" in r]
     span = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
-    span.sort()
     return {"summary": json.loads((d / "summary.json").read_text()), "dev": dev,
-            "s_per_step": span[len(span) // 2] if span else float("nan")}
+            "s_per_step": statistics.median(span) if span else float("nan")}
 
 
 def report(args) -> None:

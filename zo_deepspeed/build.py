@@ -66,7 +66,9 @@ def check_model_inputs(path: str, tokenizer, max_length: int) -> None:
     if vocab and len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: "
                          "tokenizer and weights come from different models; use the model's own tokenizer files")
-    ctx = next((getattr(mc, k) for k in ("max_position_embeddings", "n_positions") if getattr(mc, k, None)), None)
+    from .tasks.protocol import model_context
+
+    ctx = model_context(mc)
     if ctx and max_length > ctx:
         raise ValueError(f"data.max_length={max_length} is longer than the model's context ({ctx} positions in "
                          f"{path}/config.json); set data.max_length <= {ctx}")

@@ -181,7 +181,8 @@ class ZOEngine:
         """Sum over ranks, on the host; the step's only collective besides the forwards' gathers."""
         return all_reduce(t, self.device)
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
+        """``batch`` with its tensors on the device this rank's forwards run on."""
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     @torch.no_grad()
@@ -189,7 +190,7 @@ class ZOEngine:
         total = torch.zeros((), dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
         for mb in micro_batches:
-            s, c = self.loss_fn(self.forward, self._to_device(mb))
+            s, c = self.loss_fn(self.forward, self.to_device(mb))
             total += s.detach().double().cpu()
             count += torch.as_tensor(c).double().cpu()
         return total, count
@@ -216,7 +217,7 @@ class ZOEngine:
             # update was applied when it ended)
             faults.crash_point("perturbed", t)  # crash tests: die inside a step (inert otherwise)
             with watch.phase("forward"):
-                sums, count = self.read.losses(self.loss_fn, self.forward, [self._to_device(m) for m in micro],
+                sums, count = self.read.losses(self.loss_fn, self.forward, [self.to_device(m) for m in micro],
                                                blocks)
             sc[where] = sums
             sc[[K + k for k in where]] = count

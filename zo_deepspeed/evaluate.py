@@ -42,12 +42,12 @@ class Evaluator:
     def generate(self, examples: Sequence) -> list[str]:
         """Greedy answers with the engine's current (possibly perturbed) weights, decoded by MeZO's rule (stop at
         the newline token or EOS, strip), cut at their first newline unless ``first_line`` is off. Collective."""
-        from .tasks import generate_answers, postprocess_generation
+        from .tasks import generate_answers
 
         eng = self.engine
         answers = generate_answers(eng.module, self.tokenizer, examples, self.max_length, device=eng.device,
                                    synced=eng.world_size > 1, max_new_tokens=self.max_new_tokens)
-        return [postprocess_generation(a) for a in answers] if self.first_line else answers
+        return [self.task.postprocess(a) for a in answers] if self.first_line else answers
 
     def _shards(self, n: int):
         """(indices of this rank's chunk, padded) per chunk; every rank gets the same number of chunks."""
@@ -85,10 +85,9 @@ class Evaluator:
                                                      batch_size=len(cal))
                     p = self._calibrated(chunk, losses, cal_losses)
             preds += p[:len(idx)]
-        mine_ex = [examples[i] for i in mine]
-        scored = (self.task.score(mine_ex, preds, raw=False) if generation else self.task.score(mine_ex, preds)) \
-            if mine else None
-        local = scored[self.task.metric] * len(mine) if mine else 0.0
+        # generation answers are final already (generate: MeZO's decoding rule, and the first line if asked)
+        kw = {"raw": False} if generation else {}
+        local = self.task.score([examples[i] for i in mine], preds, **kw)[self.task.metric] * len(mine) if mine else 0.0
         tot = eng.all_reduce(torch.tensor([local, float(len(mine))], dtype=torch.float64))
         value = float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
         return EvalResult(split, self.task.metric, value, int(tot[1]))
@@ -116,8 +115,7 @@ class Evaluator:
         total = torch.zeros(2, dtype=torch.float64)
         for idx in chunks:
             chunk = [examples[i] for i in idx] or [examples[0]]  # padding forward: result discarded
-            batch = {k: (v.to(eng.device) if torch.is_tensor(v) else v) for k, v in objective.batch(chunk).items()}
-            s, c = objective(eng.forward, batch)
+            s, c = objective(eng.forward, eng.to_device(objective.batch(chunk)))
             if idx:
                 total += torch.stack([torch.as_tensor(s).double().cpu(), torch.as_tensor(c).double().cpu()])
         tot = eng.all_reduce(total)
@@ -129,7 +127,7 @@ def run_eval(cfg, *, demos: int = 0, calibrate: str = "none", out: str | Path | 
     in-context demonstrations per example from the train split (MeZO's ICL: one seeded set per example,
     seed zo.seed), optionally calibrated (``sfc``: MeZO's --sfc, ``icl_sfc``: --icl_sfc). Collective."""
     from .build import build_engine, prepare_run
-    from .tasks import calibration_examples, icl_examples, truncation_report
+    from .tasks import calibration_examples, get_task, icl_examples, truncation_report
     from .tasks.icl import CALIBRATIONS
     from .tasks.protocol import encoding_tokenizer
 
@@ -137,8 +135,7 @@ def run_eval(cfg, *, demos: int = 0, calibrate: str = "none", out: str | Path | 
         raise ValueError(f"--demos must be >= 0, got {demos}")
     if calibrate not in CALIBRATIONS:
         raise ValueError(f"--calibrate must be one of {', '.join(CALIBRATIONS)}, got {calibrate!r}")
-    from .tasks import get_task
-
+    # before any model is loaded (Evaluator.evaluate refuses it too, for library callers)
     if calibrate != "none" and get_task(cfg.data.task).kind != "classification":
         raise ValueError(f"--calibrate {calibrate}: calibration scores candidates; {cfg.data.task} is a generation task")
     # eval reads the test split only (the train file too for demonstrations, below): no dev, no train files needed

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PARTITION_ONLY_RESTORE, RESTORE_MODES
+from ..estimators import ESTIMATORS, n_blocks
 from .shapes import ModelShape, activations, gathered_peak
 
 __all__ = ["GiB", "MiB", "DS_CONFIG_DIR", "DTYPE_BYTES", "TORCH_DTYPE", "OFFLOADS", "PERTURB_MODES", "CONSTANTS",
@@ -161,7 +162,7 @@ class Estimate:
     @property
     def forwards(self) -> int:
         """The models a step evaluates (all ranks together): K = 2q (spsa) or q + 1 (fzoo)."""
-        return local_blocks(self.estimator, self.q)
+        return n_blocks(self.estimator, self.q)
 
     @property
     def fits(self) -> bool:
@@ -176,13 +177,7 @@ class Estimate:
         """Copies of the batch in one rank's forward: forward mode its share of the K blocks (all K unless
         perturbation-parallel: 2q / P for spsa, q / P + 1 for fzoo, whose clean block every rank evaluates);
         partition mode 1 (the K forwards run one after the other)."""
-        return local_blocks(self.estimator, self.q, self.perturb_parallel) if self.perturb == "forward" else 1
-
-
-def local_blocks(estimator: str, q: int, perturb_parallel: int = 1) -> int:
-    """Blocks one rank's stacked forward holds (estimators.local_blocks for a perturbation group's share)."""
-    share = q // perturb_parallel
-    return 2 * share if estimator == "spsa" else share + 1
+        return n_blocks(self.estimator, self.q // self.perturb_parallel) if self.perturb == "forward" else 1
 
 
 @dataclass
@@ -202,7 +197,7 @@ def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restor
              q: int = 1, estimator: str = "spsa", perturb_parallel: int = 1) -> Estimate:
     """Per-GPU and per-node bytes of one candidate (layout, perturbation mode, restore mode, restore-copy
     device) with ``q`` perturbations per step, ``estimator`` spsa or fzoo (the step's K = 2q or q + 1 models) and
-    ``perturb_parallel`` P (forward mode: each rank's forward holds its share of the blocks, :func:`local_blocks`).
+    ``perturb_parallel`` P (forward mode: each rank's forward holds the blocks of its q / P seeds: estimators.n_blocks).
 
     ``perturb="partition"``: every forward is one of batch ``batch`` (2q of them per step, one after the
     other); the restore copy of ``restore`` (master 4 B, backup 2 B per local parameter).
@@ -217,7 +212,7 @@ def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restor
                          f"{', '.join(_RESTORES_OF[perturb])} (config.ZOConfig's rules)")
     if not isinstance(q, int) or q < 1:
         raise ValueError(f"q={q!r}; use an integer >= 1")
-    if estimator not in ("spsa", "fzoo"):
+    if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}; use spsa or fzoo")
     if not isinstance(perturb_parallel, int) or perturb_parallel < 1 or q % perturb_parallel \
             or hw.world % perturb_parallel:
@@ -227,7 +222,7 @@ def estimate(shape: ModelShape, hw: Hardware, layout: Layout, dtype: str, restor
     b = DTYPE_BYTES[dtype]
     W, gpn = hw.world, hw.gpus_per_node
     P = shape.n_params
-    K = local_blocks(estimator, q, perturb_parallel) if perturb == "forward" else 1
+    K = n_blocks(estimator, q // perturb_parallel) if perturb == "forward" else 1
     ds_file, ds_cfg, generated = _ds_config_for(layout, dtype)
     zero = {**_DEFAULT_ZERO, **ds_cfg.get("zero_optimization", {})}
     local = P if layout.stage == 0 else sum(math.ceil(n / W) for n in shape.param_numel)

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 from ..config import BASE_DEVICES, PARTITION_ONLY_RESTORE, RESTORE_MODES, Perturb, ZOConfig
 from ..typed import choices
-from .memory import CONSTANTS, DTYPE_BYTES, GiB, OFFLOADS, Estimate, Hardware, Layout, estimate, local_blocks
+from ..estimators import ESTIMATORS, n_blocks
+from .memory import CONSTANTS, DTYPE_BYTES, GiB, OFFLOADS, Estimate, Hardware, Layout, estimate
 from .shapes import ModelShape, activations, load_model_shape
 
 __all__ = ["Plan", "plan", "zo_settings", "PLAN_BASE_DEVICES", "PLAN_PERTURB"]
@@ -167,7 +168,7 @@ def _check_inputs(hw: Hardware, dtype: str, offload: str, batch: int, seq: int, 
         raise ValueError(f"--restore {restore!r}; use one of {', '.join(RESTORE_MODES)}")
     if base_device not in PLAN_BASE_DEVICES:
         raise ValueError(f"--base-device {base_device!r}; use one of {', '.join(PLAN_BASE_DEVICES)}")
-    if estimator not in ("spsa", "fzoo"):
+    if estimator not in ESTIMATORS:
         raise ValueError(f"--estimator {estimator!r}; use spsa or fzoo")
     if hw.world % perturb_parallel:
         raise ValueError(f"--perturb-parallel {perturb_parallel} must divide the world size {hw.world} "
@@ -272,7 +273,7 @@ def plan(model: str, gpus_per_node: int = 1, nodes: int = 1, gpu_mem: float = 80
                          f"{q // perturb_parallel} of the step's seeds each. What it costs: every rank still gathers "
                          "the whole model once per step and applies all q seeds in its update pass (q z streams "
                          f"per element); the one all-reduce carries 2 x {e.forwards} float64 per step. What it "
-                         f"saves: each rank's forward holds {K} blocks instead of {local_blocks(estimator, q)}, so "
+                         f"saves: each rank's forward holds {K} blocks instead of {n_blocks(estimator, q)}, so "
                          "the step's forward time and activations fall by about that ratio")
     if e.restore == "inplace" and dtype != "fp32":
         notes.append("zo.restore=inplace in 16 bit is MeZO's scheme: the +eps/-eps round trip drifts the weights "

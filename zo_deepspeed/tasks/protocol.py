@@ -64,11 +64,9 @@ def configured_task(data) -> Task:
     return task.with_options(**opts)
 
 
-def model_context(model_path: str) -> int | None:
-    """Positions the model at ``model_path`` takes (config.json: max_position_embeddings / n_positions)."""
-    from transformers import AutoConfig
-
-    mc = AutoConfig.from_pretrained(model_path)
+def model_context(model_config) -> int | None:
+    """Positions a model takes, from its HF config (max_position_embeddings / n_positions); None if it says not."""
+    mc = model_config
     return next((int(getattr(mc, k)) for k in ("max_position_embeddings", "n_positions") if getattr(mc, k, None)),
                 None)
 
@@ -77,7 +75,9 @@ def fit_max_length(cfg, model_path: str, *, verbose: bool = True):
     """``cfg`` with a defaulted data.max_length lowered to the model's context where that is shorter: MeZO's
     2048 is "the max length the model can take" (run.py:45, OPT's context). Call it only for a max_length that
     was not set explicitly (an explicit one longer than the context is refused by build.check_model_inputs)."""
-    ctx = model_context(model_path)
+    from transformers import AutoConfig
+
+    ctx = model_context(AutoConfig.from_pretrained(model_path))
     if ctx is None or cfg.data.max_length <= ctx:
         return cfg
     if verbose:

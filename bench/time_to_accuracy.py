@@ -19,23 +19,28 @@ Methods (``zo.perturb=forward`` throughout: one stacked forward of K copies of t
 that of this machine, measured by each run's metrics.jsonl. The backprop + AdamW reference of bench/long_run
 (same data and batch order) is drawn next to them when its metrics are there.
 
-    python bench/time_to_accuracy.py sweep --steps 400 --eval-every 50 [--methods mezo,fzoo4] [--threads 2]
+    python bench/time_to_accuracy.py sweep --forwards 160 --eval-forwards 40 --jobs 2 --threads 1 --set data.num_dev=200
+    python bench/time_to_accuracy.py sweep --steps 400 --eval-every 50 [--methods mezo,fzoo4]   # equal steps instead
     python bench/time_to_accuracy.py report      # table into RESULTS.md, plots/time_to_accuracy.png
 
-``sweep`` is resumable: a finished arm (summary.json) is skipped, an interrupted one continues with ``--resume``;
-checkpoints of finished arms are deleted (their trajectory.jsonl rebuilds the weights with ``zo-deepspeed
-replay``), so the folder stays small enough to commit.
+``--forwards F`` gives every arm the same budget of forwards (steps = F / K, dev every ``--eval-forwards`` / K
+steps): the comparison the ZO literature makes, and the one that costs the same machine time per arm.
+``sweep`` is resumable: a finished arm (summary.json) is skipped, an interrupted one continues with ``--resume``,
+and a finished arm given a larger budget continues from its last checkpoint (the lr schedule is constant, so
+that equals a longer run from the start). Checkpoints are gitignored; what is committed (trajectory.jsonl,
+metrics.jsonl, summary.json) rebuilds the weights with ``zo-deepspeed replay``. Each arm's console goes to
+``<arm>.console.log`` beside its run directory.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
@@ -57,27 +62,49 @@ def arm_dir(method: str, lr: float, out: Path = OUT) -> Path:
     return Path(out) / f"{method}_lr{lr:g}"
 
 
+def arm_steps(method: str, args) -> tuple[int, int]:
+    """(train.steps, train.eval_every) of an arm: equal steps (--steps) or an equal forward budget (--forwards)."""
+    K = METHODS[method][1]
+    if not args.forwards:
+        return args.steps, args.eval_every
+    if args.forwards % K or args.eval_forwards % K:
+        raise SystemExit(f"time_to_accuracy: --forwards {args.forwards} and --eval-forwards {args.eval_forwards} "
+                         f"must be multiples of {method}'s K = {K}; pick multiples of 40 (K is 2, 5 or 8)")
+    return args.forwards // K, args.eval_forwards // K
+
+
 def run_arm(method: str, lr: float, args) -> None:
     out = arm_dir(method, lr, args.out)
-    if (out / "summary.json").exists():
+    steps, eval_every = arm_steps(method, args)
+    summary = out / "summary.json"
+    if summary.exists() and json.loads(summary.read_text())["steps"] >= steps:
         print(f"[time_to_accuracy] {out.name}: done, skipped", flush=True)
         return
     overrides, _, _ = METHODS[method]
-    argv = ["train", f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
-            "train.select=dev_metric", "train.keep_checkpoints=1", f"train.save_every={args.eval_every}",
+    argv = ["train", f"train.steps={steps}", f"train.eval_every={eval_every}",
+            "train.select=dev_metric", "train.keep_checkpoints=1", f"train.save_every={eval_every}",
             f"train.output_dir={out}", "train.export=false", "train.zero_shot_eval=false", "zo.perturb=forward",
             f"zo.lr={lr:g}", *overrides, *args.set]
+    # an interrupted arm, or a finished one given a larger budget (the lr schedule is constant, so the longer
+    # run's first steps are this run's steps: continuing it is the same as having asked for more at the start)
     if (out / "trajectory.jsonl").exists():
         argv.append("--resume")
     cmd = [sys.executable, "-m", "zo_deepspeed", *argv]
     print("+", " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(args.threads))
     t0 = time.time()
-    rc = subprocess.call(cmd, env=env)
+    console = out.with_name(out.name + ".console.log")  # beside the run dir: the trainer owns what is inside
+    console.parent.mkdir(parents=True, exist_ok=True)
+    with open(console, "a") as log:  # parallel arms: each arm's console in its own file
+        rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if rc:
-        raise SystemExit(f"time_to_accuracy: arm {out.name} failed (exit {rc}); rerun sweep to resume it")
-    (out / "wall.json").write_text(json.dumps({"wall_s": time.time() - t0, "argv": argv, "threads": args.threads}))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the trajectory rebuilds the weights
+        raise SystemExit(f"time_to_accuracy: arm {out.name} failed (exit {rc}, see {console}); "
+                         "rerun sweep to resume it")
+    walls = json.loads((out / "wall.json").read_text())["stretches"] if (out / "wall.json").exists() else []
+    (out / "wall.json").write_text(json.dumps({"stretches": walls + [{"wall_s": time.time() - t0, "argv": argv,
+                                                                       "threads": args.threads}]}))
+    print(f"[time_to_accuracy] {out.name}: finished in {time.time() - t0:.0f} s", flush=True)
+    # checkpoints stay (gitignored): a larger --forwards continues the arm from them instead of rerunning it
 
 
 def sweep(args) -> None:
@@ -85,11 +112,20 @@ def sweep(args) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"time_to_accuracy: unknown method {unknown[0]!r}; use {', '.join(METHODS)}")
+    lrs = {m: METHODS[m][2] for m in methods}
     # lr-major: every method's first lr before any second one, so a stopped sweep still covers every method
-    for i in range(max(len(METHODS[m][2]) for m in methods)):
-        for m in methods:
-            if i < len(METHODS[m][2]):
-                run_arm(m, METHODS[m][2][i], args)
+    arms = [(m, lrs[m][i]) for i in range(max(map(len, lrs.values()))) for m in methods if i < len(lrs[m])]
+    for m in methods:
+        arm_steps(m, args)  # refuse a budget that does not divide before any arm runs
+    # arms are independent processes: --jobs of them at a time, each with --threads OMP threads
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_arm, m, lr, args) for m, lr in arms]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the running arms finish; no new one starts
+            raise
 
 
 def load_arm(d: Path) -> dict | None:
@@ -138,12 +174,35 @@ def report(args) -> None:
               f"{t80 if t80 is not None else 'not reached'} ({ratio(t80, ref[9] if ref else None)}) | "
               f"{tb_} ({ratio(tb_, ref[10] if ref else None)}) | {sw} | `{ov}` |"
               for m, K, lr, dv, tb, tf, st, fw, sps, t80, tb_, sw, ov in rows]
+    bp = _backprop()
+    if bp is not None:  # a forward and a backward per step: its "forwards" column counts steps, not comparable
+        dev, steps, test, sps = bp
+        best = max(v for _, _, v in dev)
+        t80 = next((s for s, _, v in dev if v >= 0.80), None)
+        table.append(f"| backprop + AdamW (bench/long_run, lr 1e-5) | - | 1e-05 | {best:.3f} | - | {test:.3f} | {steps} | "
+                     f"{steps} fwd+bwd | {sps:.2f} | {t80 if t80 is not None else 'not reached'} fwd+bwd (-) | "
+                     f"{next(s for s, _, v in dev if v == best)} fwd+bwd (-) | - | `python bench/long_run.py backprop` |")
     print("\n".join(table))
     if args.no_write:
         return
     _plot(curves)
     C.write_section("time_to_accuracy", "Time to accuracy: ZO methods on the default job",
                     "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n")
+
+
+def _backprop() -> tuple[list, int, float, float] | None:
+    """bench/long_run's backprop + AdamW reference (same data and batch order): its dev curve (step, wall s since
+    its zero-shot evaluation, accuracy), steps, final test accuracy and median s/step; None if it is not there."""
+    path = C.BENCH / "long_run" / "backprop" / "metrics.jsonl"
+    if not path.exists():
+        return None
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    t0 = recs[0]["time"]
+    dev = [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in recs if "dev/accuracy" in r]
+    steps = [r for r in recs if "loss" in r]
+    span = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
+    test = [r["test/accuracy"] for r in recs if "test/accuracy" in r][-1]
+    return dev, len(steps), test, statistics.median(span)
 
 
 def _plot(curves: dict) -> None:
@@ -156,12 +215,9 @@ def _plot(curves: dict) -> None:
     for m, (K, dev) in curves.items():
         ax_w.plot([t / 60 for _, t, _ in dev], [v for *_, v in dev], marker="o", label=m)
         ax_f.plot([s * K for s, _, _ in dev], [v for *_, v in dev], marker="o", label=m)
-    bp = C.BENCH / "long_run" / "backprop" / "metrics.jsonl"
-    if bp.exists():
-        recs = [json.loads(line) for line in bp.read_text().splitlines() if line.strip()]
-        t0 = recs[0]["time"]
-        dev = [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in recs if "dev/accuracy" in r]
-        ax_w.plot([t / 60 for _, t, _ in dev], [v for *_, v in dev], "k--", label="backprop + AdamW")
+    bp = _backprop()
+    if bp is not None:
+        ax_w.plot([t / 60 for _, t, _ in bp[0]], [v for *_, v in bp[0]], "k--", label="backprop + AdamW")
     ax_w.set_xlabel("wall time (min, this 2-core CPU)")
     ax_f.set_xlabel("forwards (steps x K)")
     for ax in (ax_w, ax_f):
@@ -180,7 +236,11 @@ def main() -> None:
     sw.add_argument("--steps", type=int, default=400)
     sw.add_argument("--eval-every", type=int, default=50)
     sw.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
-    sw.add_argument("--threads", type=int, default=2, help="OMP threads per arm (arms run one after the other)")
+    sw.add_argument("--forwards", type=int, default=0,
+                    help="an equal forward budget per arm instead of equal steps: steps = forwards / K")
+    sw.add_argument("--eval-forwards", type=int, default=40, help="with --forwards: dev every this many forwards")
+    sw.add_argument("--threads", type=int, default=2, help="OMP threads per arm")
+    sw.add_argument("--jobs", type=int, default=1, help="arms run at a time (2 on this 2-core machine at 1 thread)")
     sw.add_argument("--set", action="extend", nargs="+", default=[], help="extra dotted overrides for every arm")
     rp = sub.add_parser("report", help="table into RESULTS.md and the plot")
     rp.add_argument("--no-write", action="store_true", help="print the table only")

@@ -149,7 +149,7 @@ def report(args) -> None:
         if not done:
             continue
         best_dev = {lr: max(v for _, _, v in a["dev"]) for lr, a in done.items()}
-        lr = max(done, key=lambda x: best_dev[x])
+        lr = max(done, key=lambda x: best_dev[x])  # a tie goes to the first (smallest) lr of the grid
         a = done[lr]
         res = a["summary"]["results"]
         test_best = res.get("best", res["final"])["value"]
@@ -186,8 +186,9 @@ def report(args) -> None:
     if args.no_write:
         return
     _plot(curves)
+    notes = Path(args.notes).read_text() if args.notes else ""
     C.write_section("time_to_accuracy", "Time to accuracy: ZO methods on the default job",
-                    "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n")
+                    "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n" + ("\n" + notes if notes else ""))
 
 
 def _backprop() -> tuple[list, int, float, float] | None:
@@ -244,6 +245,7 @@ def main() -> None:
     sw.add_argument("--set", action="extend", nargs="+", default=[], help="extra dotted overrides for every arm")
     rp = sub.add_parser("report", help="table into RESULTS.md and the plot")
     rp.add_argument("--no-write", action="store_true", help="print the table only")
+    rp.add_argument("--notes", help="a markdown file appended below the table (how the sweep ran, what it shows)")
     for p in (sw, rp):
         p.add_argument("--out", type=Path, default=OUT, help=f"the arms' run directories (default {OUT})")
     args = ap.parse_args()

@@ -129,11 +129,14 @@ def test_perturbation_parallel_at_two_and_four_ranks_equals_one_process(model_di
              "fzoo": {**FORWARD, "q": 4, "perturb_parallel": 2, "estimator": "fzoo", "distribution": "rademacher"}}
     ranks(2, [scenario(f"w2_{n}_{ds}", llama, cfg, zo, tmp_path / "b.pt", tmp_path)
               for n, zo in cases.items() for ds, cfg in (("z3", Z3), ("z0", Z0))], tmp_path)
-    ranks(4, [scenario("w4_spsa_z3", llama, Z3, cases["spsa"], tmp_path / "b.pt", tmp_path)], tmp_path)
+    ranks(4, [scenario(f"w4_spsa_{ds}", llama, cfg, cases["spsa"], tmp_path / "b.pt", tmp_path)
+              for ds, cfg in (("z3", Z3), ("z0", Z0))], tmp_path)
     for n, zo in cases.items():
         ref = reference(llama, {**zo, "perturb_parallel": 1}, batches)
         for ds in ("z3", "z0"):
             got = compare(tmp_path / f"w2_{n}_{ds}", *ref)
             assert got["world"] == 2
-    got = compare(tmp_path / "w4_spsa_z3", *reference(llama, {**cases["spsa"], "perturb_parallel": 1}, batches))
-    assert got["world"] == 4 and worker_result(tmp_path / "w4_spsa_z3")["kind"] == "zero3"
+    ref = reference(llama, {**cases["spsa"], "perturb_parallel": 1}, batches)
+    for ds, kind in (("z3", "zero3"), ("z0", "replica")):
+        got = compare(tmp_path / f"w4_spsa_{ds}", *ref)
+        assert got["world"] == 4 and worker_result(tmp_path / f"w4_spsa_{ds}")["kind"] == kind

@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
+import long_run  # noqa: E402  (the owner of bench/long_run's arm format: the backprop reference is read with it)
 
 OUT = C.BENCH / "time_to_accuracy"
 PLOT = C.BENCH / "plots" / "time_to_accuracy.png"
@@ -112,9 +113,9 @@ def sweep(args) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"time_to_accuracy: unknown method {unknown[0]!r}; use {', '.join(METHODS)}")
-    lrs = {m: METHODS[m][2] for m in methods}
     # lr-major: every method's first lr before any second one, so a stopped sweep still covers every method
-    arms = [(m, lrs[m][i]) for i in range(max(map(len, lrs.values()))) for m in methods if i < len(lrs[m])]
+    arms = [(m, METHODS[m][2][i]) for i in range(max(len(METHODS[m][2]) for m in methods)) for m in methods
+            if i < len(METHODS[m][2])]
     for m in methods:
         arm_steps(m, args)  # refuse a budget that does not divide before any arm runs
     # arms are independent processes: --jobs of them at a time, each with --threads OMP threads
@@ -176,37 +177,33 @@ def report(args) -> None:
               for m, K, lr, dv, tb, tf, st, fw, sps, t80, tb_, sw, ov in rows]
     bp = _backprop()
     if bp is not None:  # a forward and a backward per step: its "forwards" column counts steps, not comparable
-        dev, steps, test, sps = bp
-        best = max(v for _, _, v in dev)
+        arm, dev = bp
+        steps, best = len(arm["loss"]), max(v for _, _, v in dev)
         t80 = next((s for s, _, v in dev if v >= 0.80), None)
-        table.append(f"| backprop + AdamW (bench/long_run, lr 1e-5) | - | 1e-05 | {best:.3f} | - | {test:.3f} | {steps} | "
-                     f"{steps} fwd+bwd | {sps:.2f} | {t80 if t80 is not None else 'not reached'} fwd+bwd (-) | "
+        table.append(f"| backprop (bench/long_run, {arm['settings']}) | - | {arm['wall']['lr']:g} | {best:.3f} | "
+                     f"- | {arm['test'][-1][1]:.3f} | {steps} | {steps} fwd+bwd | {arm['s_per_step']:.2f} | "
+                     f"{t80 if t80 is not None else 'not reached'} fwd+bwd (-) | "
                      f"{next(s for s, _, v in dev if v == best)} fwd+bwd (-) | - | `python bench/long_run.py backprop` |")
     print("\n".join(table))
     if args.no_write:
         return
-    _plot(curves)
+    _plot(curves, bp[1] if bp is not None else None)
     notes = Path(args.notes).read_text() if args.notes else ""
     C.write_section("time_to_accuracy", "Time to accuracy: ZO methods on the default job",
                     "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n" + ("\n" + notes if notes else ""))
 
 
-def _backprop() -> tuple[list, int, float, float] | None:
-    """bench/long_run's backprop + AdamW reference (same data and batch order): its dev curve (step, wall s since
-    its zero-shot evaluation, accuracy), steps, final test accuracy and median s/step; None if it is not there."""
-    path = C.BENCH / "long_run" / "backprop" / "metrics.jsonl"
-    if not path.exists():
+def _backprop() -> tuple[dict, list] | None:
+    """bench/long_run's backprop + AdamW reference (same data and batch order), as long_run.load reads it, and its
+    dev curve (step, wall s since its zero-shot evaluation, accuracy); None if it is not there."""
+    if not (long_run.OUT / "backprop" / "metrics.jsonl").exists():
         return None
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    t0 = recs[0]["time"]
-    dev = [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in recs if "dev/accuracy" in r]
-    steps = [r for r in recs if "loss" in r]
-    span = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
-    test = [r["test/accuracy"] for r in recs if "test/accuracy" in r][-1]
-    return dev, len(steps), test, statistics.median(span)
+    arm = long_run.load("backprop")
+    t0 = arm["recs"][0]["time"]
+    return arm, [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in arm["recs"] if "dev/accuracy" in r]
 
 
-def _plot(curves: dict) -> None:
+def _plot(curves: dict, backprop_dev: list | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,9 +213,8 @@ def _plot(curves: dict) -> None:
     for m, (K, dev) in curves.items():
         ax_w.plot([t / 60 for _, t, _ in dev], [v for *_, v in dev], marker="o", label=m)
         ax_f.plot([s * K for s, _, _ in dev], [v for *_, v in dev], marker="o", label=m)
-    bp = _backprop()
-    if bp is not None:
-        ax_w.plot([t / 60 for _, t, _ in bp[0]], [v for *_, v in bp[0]], "k--", label="backprop + AdamW")
+    if backprop_dev is not None:
+        ax_w.plot([t / 60 for _, t, _ in backprop_dev], [v for *_, v in backprop_dev], "k--", label="backprop + AdamW")
     ax_w.set_xlabel("wall time (min, this 2-core CPU)")
     ax_f.set_xlabel("forwards (steps x K)")
     for ax in (ax_w, ax_f):

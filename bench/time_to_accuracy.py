@@ -4,7 +4,8 @@ Every arm is the CLI itself (``zo-deepspeed train``) on the default job (SmolLM2
 1000 train / 200 dev / 500 test, seed 0, batch 16, the ``choice`` objective), so every arm sees the same examples
 in the same batch order (``trainer.batch_indices``: a pure function of (seed, step)). Dev is evaluated every
 ``--eval-every`` steps and the run keeps its best dev checkpoint (``train.select=dev_metric``), whose test accuracy
-is the arm's result; the lr of each method is the one of its sweep with the best dev accuracy.
+is the arm's result; the lr of each method is the one of its sweep with the best dev accuracy, every arm cut to
+the budget all of that method's arms ran (so a chosen arm continued further does not win by having more dev points).
 
 Methods (``zo.perturb=forward`` throughout: one stacked forward of K copies of the batch per step):
 
@@ -21,6 +22,8 @@ that of this machine, measured by each run's metrics.jsonl. The backprop + AdamW
 
     python bench/time_to_accuracy.py sweep --forwards 160 --eval-forwards 40 --jobs 2 --threads 1 --set data.num_dev=200
     python bench/time_to_accuracy.py sweep --steps 400 --eval-every 50 [--methods mezo,fzoo4]   # equal steps instead
+    python bench/time_to_accuracy.py sweep --chosen --forwards 480 --eval-forwards 40 --jobs 2 --threads 1 \
+        --set data.num_dev=200   # then each method's tuned lr only, continued to a larger budget
     python bench/time_to_accuracy.py report      # table into RESULTS.md, plots/time_to_accuracy.png
 
 ``--forwards F`` gives every arm the same budget of forwards (steps = F / K, dev every ``--eval-forwards`` / K
@@ -41,6 +44,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
@@ -51,11 +55,11 @@ PLOT = C.BENCH / "plots" / "time_to_accuracy.png"
 
 # name -> (overrides, K blocks per step, lr grid)
 METHODS: dict[str, tuple[tuple[str, ...], int, tuple[float, ...]]] = {
-    "mezo": (("zo.q=1",), 2, (2e-6, 5e-6, 1e-5)),
-    "qspsa4": (("zo.q=4",), 8, (5e-6, 1e-5, 2e-5)),
-    "fzoo4": (("zo.estimator=fzoo", "zo.q=4", "zo.distribution=rademacher"), 5, (2e-5, 5e-5, 1e-4)),
-    "prefix": (("adapter.mode=prefix",), 2, (3e-3, 1e-2, 3e-2)),
-    "lora": (("adapter.mode=lora",), 2, (3e-5, 1e-4, 3e-4)),
+    "mezo": (("zo.q=1",), 2, (2e-6, 5e-6, 1e-5, 3e-5, 1e-4)),
+    "qspsa4": (("zo.q=4",), 8, (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 3e-4, 1e-3)),
+    "fzoo4": (("zo.estimator=fzoo", "zo.q=4", "zo.distribution=rademacher"), 5, (2e-5, 5e-5, 1e-4, 3e-4, 1e-3, 3e-3)),
+    "prefix": (("adapter.mode=prefix",), 2, (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
+    "lora": (("adapter.mode=lora",), 2, (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)),
 }
 
 
@@ -116,6 +120,13 @@ def sweep(args) -> None:
     # lr-major: every method's first lr before any second one, so a stopped sweep still covers every method
     arms = [(m, METHODS[m][2][i]) for i in range(max(len(METHODS[m][2]) for m in methods)) for m in methods
             if i < len(METHODS[m][2])]
+    if args.chosen:  # only each method's tuned lr, e.g. to give it a larger --forwards once the grid has run
+        chosen = {m: tune(m, args.out) for m in methods}
+        missing = [m for m, t in chosen.items() if t is None]
+        if missing:
+            raise SystemExit(f"time_to_accuracy: --chosen needs {missing[0]}'s grid finished first; "
+                             "run sweep without --chosen")
+        arms = [(m, chosen[m].lr) for m in methods]
     for m in methods:
         arm_steps(m, args)  # refuse a budget that does not divide before any arm runs
     # arms are independent processes: --jobs of them at a time, each with --threads OMP threads
@@ -142,25 +153,50 @@ def load_arm(d: Path) -> dict | None:
             "s_per_step": statistics.median(span) if span else float("nan")}
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """A method's lr choice: the grid's best dev accuracy per lr, every arm cut to the budget all of them ran."""
+
+    lr: float
+    arms: dict  # lr -> load_arm() of each finished arm
+    best_dev: dict  # lr -> best dev accuracy within `steps`
+    steps: int  # the common budget in steps (the shortest finished arm's)
+
+
+def tune(method: str, out: Path = OUT) -> Tuning | None:
+    """The lr with the best dev accuracy at the budget every finished arm of `method` ran (None: none finished).
+
+    Cutting to the common budget keeps the choice fair once the chosen arm has been given a larger one (``sweep
+    --chosen``): a longer arm has more dev points to take a maximum over."""
+    arms = {lr: load_arm(arm_dir(method, lr, out)) for lr in METHODS[method][2]}
+    done = {lr: a for lr, a in arms.items() if a is not None}
+    if not done:
+        return None
+    steps = min(a["summary"]["steps"] for a in done.values())
+    best_dev = {lr: max(v for s, _, v in a["dev"] if s <= steps) for lr, a in done.items()}
+    lr = max(done, key=lambda x: best_dev[x])  # a tie goes to the first (smallest) lr of the grid
+    return Tuning(lr, done, best_dev, steps)
+
+
 def report(args) -> None:
     rows, curves = [], {}
     for m, (overrides, K, lrs) in METHODS.items():
-        arms = {lr: load_arm(arm_dir(m, lr, args.out)) for lr in lrs}
-        done = {lr: a for lr, a in arms.items() if a is not None}
-        if not done:
+        t = tune(m, args.out)
+        if t is None:
             continue
-        best_dev = {lr: max(v for _, _, v in a["dev"]) for lr, a in done.items()}
-        lr = max(done, key=lambda x: best_dev[x])  # a tie goes to the first (smallest) lr of the grid
-        a = done[lr]
+        lr, a = t.lr, t.arms[t.lr]
+        best = max(v for _, _, v in a["dev"])  # over the chosen arm's whole run, which may be longer
         res = a["summary"]["results"]
         test_best = res.get("best", res["final"])["value"]
-        sweep_txt = ", ".join(f"{x:g}: {best_dev[x]:.3f}" for x in lrs if x in done) + \
-            ("" if len(done) == len(lrs) else f" ({len(lrs) - len(done)} unfinished)")
+        sweep_txt = f"at {t.steps * K} forwards: " + ", ".join(f"{x:g}: {t.best_dev[x]:.3f}" for x in lrs
+                                                              if x in t.arms) + \
+            ("" if len(t.arms) == len(lrs) else f" ({len(lrs) - len(t.arms)} unfinished)")
         to80 = next((s * K for s, _, v in a["dev"] if v >= 0.80), None)  # forwards to dev accuracy 0.80
-        to_best = next(s * K for s, _, v in a["dev"] if v == best_dev[lr])  # forwards to the best dev point
-        rows.append((m, K, lr, best_dev[lr], test_best, res["final"]["value"], a["summary"]["steps"],
+        to_best = next(s * K for s, _, v in a["dev"] if v == best)  # forwards to the best dev point
+        rows.append((m, K, lr, best, test_best, res["final"]["value"], a["summary"]["steps"],
                      a["summary"]["steps"] * K, a["s_per_step"], to80, to_best, sweep_txt, " ".join(overrides)))
-        curves[m] = (K, a["dev"])
+        at_best = next((t, v) for s, t, v in a["dev"] if v == best)
+        curves[m] = (K, a["dev"], (to_best, at_best[0], test_best))  # test is measured at the dev-chosen point only
     if not rows:
         raise SystemExit(f"time_to_accuracy: no finished arm under {args.out}; run sweep first")
     ref = next((r for r in rows if r[0] == "mezo"), None)  # the ratios are against MeZO-SGD's forwards
@@ -187,7 +223,7 @@ def report(args) -> None:
     print("\n".join(table))
     if args.no_write:
         return
-    _plot(curves, bp[1] if bp is not None else None)
+    _plot(curves, bp[1] if bp is not None else None, bp[0]["test"][0][1] if bp is not None else None)
     notes = Path(args.notes).read_text() if args.notes else ""
     C.write_section("time_to_accuracy", "Time to accuracy: ZO methods on the default job",
                     "\n".join(table) + f"\n\n![time to accuracy](plots/{PLOT.name})\n" + ("\n" + notes if notes else ""))
@@ -203,24 +239,33 @@ def _backprop() -> tuple[dict, list] | None:
     return arm, [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in arm["recs"] if "dev/accuracy" in r]
 
 
-def _plot(curves: dict, backprop_dev: list | None) -> None:
+def _plot(curves: dict, backprop_dev: list | None, untuned_test: float | None) -> None:
+    """Dev accuracy against wall time and forwards, and each method's test accuracy at its best dev checkpoint as
+    a star: as in MeZO, test is evaluated only at the checkpoint dev selects, so there is no test curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_w, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, (K, dev) in curves.items():
-        ax_w.plot([t / 60 for _, t, _ in dev], [v for *_, v in dev], marker="o", label=m)
-        ax_f.plot([s * K for s, _, _ in dev], [v for *_, v in dev], marker="o", label=m)
+    fig, (ax_w, ax_f) = plt.subplots(1, 2, figsize=(14, 5))
+    for i, (m, (K, dev, (fw_best, t_best, test))) in enumerate(curves.items()):
+        c = f"C{i}"
+        ax_w.plot([t / 60 for _, t, _ in dev], [v for *_, v in dev], marker="o", color=c, label=f"{m}: dev")
+        ax_f.plot([s * K for s, _, _ in dev], [v for *_, v in dev], marker="o", color=c, label=f"{m}: dev")
+        ax_w.plot([t_best / 60], [test], marker="*", ms=13, color=c, ls="none")
+        ax_f.plot([fw_best], [test], marker="*", ms=13, color=c, ls="none", label=f"{m}: test at best dev")
+    if untuned_test is not None:
+        for ax in (ax_w, ax_f):
+            ax.axhline(untuned_test, color="grey", ls=":", label=f"untuned model: test {untuned_test:.3f}")
     if backprop_dev is not None:
         ax_w.plot([t / 60 for _, t, _ in backprop_dev], [v for *_, v in backprop_dev], "k--", label="backprop + AdamW")
     ax_w.set_xlabel("wall time (min, this 2-core CPU)")
     ax_f.set_xlabel("forwards (steps x K)")
     for ax in (ax_w, ax_f):
-        ax.set_ylabel("dev accuracy")
+        ax.set_ylabel("accuracy (dev 200; test 500 at the star)")
         ax.grid(alpha=0.3)
-        ax.legend()
+    ax_w.legend(fontsize=7)
+    ax_f.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")  # outside: the curves fill the axes
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PLOT, dpi=110)
@@ -238,6 +283,8 @@ def main() -> None:
     sw.add_argument("--eval-forwards", type=int, default=40, help="with --forwards: dev every this many forwards")
     sw.add_argument("--threads", type=int, default=2, help="OMP threads per arm")
     sw.add_argument("--jobs", type=int, default=1, help="arms run at a time (2 on this 2-core machine at 1 thread)")
+    sw.add_argument("--chosen", action="store_true",
+                    help="run only each method's tuned lr (its grid finished), e.g. with a larger --forwards")
     sw.add_argument("--set", action="extend", nargs="+", default=[], help="extra dotted overrides for every arm")
     rp = sub.add_parser("report", help="table into RESULTS.md and the plot")
     rp.add_argument("--no-write", action="store_true", help="print the table only")

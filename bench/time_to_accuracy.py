@@ -22,7 +22,7 @@ that of this machine, measured by each run's metrics.jsonl. The backprop + AdamW
 
     python bench/time_to_accuracy.py sweep --forwards 160 --eval-forwards 40 --jobs 2 --threads 1 --set data.num_dev=200
     python bench/time_to_accuracy.py sweep --steps 400 --eval-every 50 [--methods mezo,fzoo4]   # equal steps instead
-    python bench/time_to_accuracy.py sweep --chosen --forwards 480 --eval-forwards 40 --jobs 2 --threads 1 \
+    python bench/time_to_accuracy.py sweep --chosen --forwards 400 --eval-forwards 40 --jobs 2 --threads 1 \
         --set data.num_dev=200   # then each method's tuned lr only, continued to a larger budget
     python bench/time_to_accuracy.py report      # table into RESULTS.md, plots/time_to_accuracy.png
 
@@ -145,10 +145,27 @@ def load_arm(d: Path) -> dict | None:
     if not (d / "summary.json").exists():
         return None
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in recs if "loss" in r]
-    t0 = steps[0]["time"] - (steps[1]["time"] - steps[0]["time"] if len(steps) > 1 else 0.0)
-    dev = [(r["step"], r["time"] - t0, r["dev/accuracy"]) for r in recs if "dev/accuracy" in r]
+    # metrics.jsonl is appended to by every stretch of a run, and a resume runs again the steps past its
+    # checkpoint (all of them when the checkpoints are gone, e.g. in a fresh checkout): the last record of a
+    # step is the one the final weights went through, so it supersedes the earlier ones
+    last = {}
+    for r in recs:
+        if "loss" in r or "dev/accuracy" in r:
+            last["loss" in r, r["step"]] = r
+    steps = sorted((r for (is_step, _), r in last.items() if is_step), key=lambda r: r["step"])
     span = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
+    med = statistics.median(x for x in span if x > 0) if any(x > 0 for x in span) else float("nan")
+    # wall time since the first step, without the time between stretches: a gap a step (with its dev
+    # evaluation) cannot take, or a jump backwards, counts as one median step
+    clock, t, prev = {}, med if med == med else 0.0, None
+    for r in steps:
+        if prev is not None:
+            dt = r["time"] - prev
+            t += dt if 0 < dt < max(600.0, 20 * med) else med
+        clock[r["step"]], prev = t, r["time"]
+    at = {r["step"]: r["time"] for r in steps}  # a dev evaluation runs after its step's record
+    dev = sorted(((s, clock[s] + r["time"] - at[s], r["dev/accuracy"])
+                  for (is_step, s), r in last.items() if not is_step and s in clock), key=lambda x: x[0])
     return {"summary": json.loads((d / "summary.json").read_text()), "dev": dev,
             "s_per_step": statistics.median(span) if span else float("nan")}
 
@@ -193,9 +210,10 @@ def report(args) -> None:
             ("" if len(t.arms) == len(lrs) else f" ({len(lrs) - len(t.arms)} unfinished)")
         to80 = next((s * K for s, _, v in a["dev"] if v >= 0.80), None)  # forwards to dev accuracy 0.80
         to_best = next(s * K for s, _, v in a["dev"] if v == best)  # forwards to the best dev point
-        rows.append((m, K, lr, best, test_best, res["final"]["value"], a["summary"]["steps"],
-                     a["summary"]["steps"] * K, a["s_per_step"], to80, to_best, sweep_txt, " ".join(overrides)))
         at_best = next((t, v) for s, t, v in a["dev"] if v == best)
+        rows.append((m, K, lr, best, test_best, res["final"]["value"], a["summary"]["steps"],
+                     a["summary"]["steps"] * K, a["s_per_step"], to80, to_best, at_best[0] / 60, sweep_txt,
+                     " ".join(overrides)))
         curves[m] = (K, a["dev"], (to_best, at_best[0], test_best))  # test is measured at the dev-chosen point only
     if not rows:
         raise SystemExit(f"time_to_accuracy: no finished arm under {args.out}; run sweep first")
@@ -205,12 +223,13 @@ def report(args) -> None:
         return f"{x / y:.2f}" if x is not None and y else "-"
 
     table = ["| method | K | lr (chosen) | best dev acc | test at best dev | test final | steps | forwards | s/step | "
-             "forwards to dev 0.80 (/ MeZO) | forwards to best dev (/ MeZO) | dev acc per lr | overrides |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "forwards to dev 0.80 (/ MeZO) | forwards to best dev (/ MeZO) | wall to best dev (min) | "
+             "dev acc per lr | overrides |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {m} | {K} | {lr:g} | {dv:.3f} | {tb:.3f} | {tf:.3f} | {st} | {fw} | {sps:.2f} | "
               f"{t80 if t80 is not None else 'not reached'} ({ratio(t80, ref[9] if ref else None)}) | "
-              f"{tb_} ({ratio(tb_, ref[10] if ref else None)}) | {sw} | `{ov}` |"
-              for m, K, lr, dv, tb, tf, st, fw, sps, t80, tb_, sw, ov in rows]
+              f"{tb_} ({ratio(tb_, ref[10] if ref else None)}) | {wb:.0f} | {sw} | `{ov}` |"
+              for m, K, lr, dv, tb, tf, st, fw, sps, t80, tb_, wb, sw, ov in rows]
     bp = _backprop()
     if bp is not None:  # a forward and a backward per step: its "forwards" column counts steps, not comparable
         arm, dev = bp
@@ -219,7 +238,8 @@ def report(args) -> None:
         table.append(f"| backprop (bench/long_run, {arm['settings']}) | - | {arm['wall']['lr']:g} | {best:.3f} | "
                      f"- | {arm['test'][-1][1]:.3f} | {steps} | {steps} fwd+bwd | {arm['s_per_step']:.2f} | "
                      f"{t80 if t80 is not None else 'not reached'} fwd+bwd (-) | "
-                     f"{next(s for s, _, v in dev if v == best)} fwd+bwd (-) | - | `python bench/long_run.py backprop` |")
+                     f"{next(s for s, _, v in dev if v == best)} fwd+bwd (-) | "
+                     f"{next(t for _, t, v in dev if v == best) / 60:.0f} | - | `python bench/long_run.py backprop` |")
     print("\n".join(table))
     if args.no_write:
         return
@@ -264,7 +284,7 @@ def _plot(curves: dict, backprop_dev: list | None, untuned_test: float | None) -
     for ax in (ax_w, ax_f):
         ax.set_ylabel("accuracy (dev 200; test 500 at the star)")
         ax.grid(alpha=0.3)
-    ax_w.legend(fontsize=7)
+    ax_w.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: the curves fill the axes
     ax_f.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")  # outside: the curves fill the axes
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)

@@ -145,8 +145,9 @@ def load_arm(d: Path) -> dict | None:
     if not (d / "summary.json").exists():
         return None
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    # metrics.jsonl is appended to by every stretch of a run, and a resume runs again the steps past its
-    # checkpoint (all of them when the checkpoints are gone, e.g. in a fresh checkout): the last record of a
+    # a resume runs again the steps past its checkpoint (all of them when the checkpoints are gone, e.g. in a
+    # fresh checkout). The trainer now cuts metrics.jsonl back to the checkpoint (monitor.truncate), but the
+    # committed arms were logged before it did, with each rerun step appended again: the last record of a
     # step is the one the final weights went through, so it supersedes the earlier ones
     last = {}
     for r in recs:

@@ -19,7 +19,7 @@ import signal
 import pytest
 import torch
 
-from harness import read_checkpoint, read_export, read_trajectory, run_cli, tail
+from harness import read_checkpoint, read_export, read_metrics, read_trajectory, run_cli, tail
 
 pytestmark = pytest.mark.dist
 
@@ -88,6 +88,11 @@ def _equal(a: dict, b: dict, what: str):
     assert a.keys() == b.keys(), what
     bad = [k for k in a if not torch.equal(a[k], b[k])]
     assert not bad, f"{what}: {len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def _metric(rec: dict) -> dict:
+    """A metrics record without what differs between runs of the same trajectory (wall time, step profile)."""
+    return {k: v for k, v in rec.items() if k != "time" and not k.startswith(("time/", "comm/", "memory/"))}
 
 
 def _after_crash(run, ref_log, point):
@@ -162,10 +167,26 @@ def test_kill_anywhere_resume_is_bitwise_one_process(tiny_lm_dir, ref1, tmp_path
 
     # the fix the message names: delete that checkpoint; resume falls back to step 6 and ends equal
     shutil.rmtree(shard.parent)
+    # (first a damaged line inside metrics.jsonl: resume stops with one line naming it, the logs untouched)
+    metrics = (run / "metrics.jsonl").read_text()
+    lines = metrics.splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:1] + ['{"step": 1, lo\n'] + lines[1:]))
+    logs = {f: f.read_bytes() for f in (run / "metrics.jsonl", run / "trajectory.jsonl")}
+    p = _train(run)
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("zo-deepspeed train: error:")]
+    assert p.returncode == 2 and len(err) == 1 and "metrics.jsonl:2: not a JSON record" in err[0], p.stderr[-2000:]
+    assert all(f.read_bytes() == b for f, b in logs.items())
+    (run / "metrics.jsonl").write_text(metrics)
     p = _train(run)
     _ok(p)
     assert "loaded step_00000006" in p.stdout
     assert _log(run) == _log(ref1), points
+    # metrics.jsonl after all those resumes: each record once, in the uninterrupted run's order and values
+    # (the time and profile fields aside), and one truncation count, the last start's
+    got, want = read_metrics(run), read_metrics(ref1)
+    assert sum("truncated_train" in r for r in got) == 1, got
+    assert [_metric(r) for r in got if "truncated_train" not in r] == \
+        [_metric(r) for r in want if "truncated_train" not in r], points
     _equal(read_export(run), read_export(ref1), f"export after kills at {points}")
     _equal(read_checkpoint(run), read_checkpoint(ref1), f"final checkpoint after kills at {points}")
 

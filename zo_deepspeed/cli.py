@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 from pathlib import Path
@@ -270,28 +269,12 @@ def _plot(args) -> int:
 
 
 def _read_metrics(mpath: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl; a torn last line (a crash mid-write) is skipped with a note,
-    any other malformed line is an error naming the file and line."""
-    from .fsutil import read_text
+    """The records of a run's metrics.jsonl (monitor.read_metrics), with a note for a torn last line."""
+    from .monitor import read_metrics
 
-    lines = read_text(mpath, "metrics file").splitlines()
-    recs = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            if i == len(lines):
-                print(f"zo-deepspeed plot: note: {mpath}:{i}: skipped a torn last line (a crash mid-write)",
-                      file=sys.stderr)
-                continue
-            raise ValueError(f"{mpath}:{i}: not a JSON record ({e.msg if hasattr(e, 'msg') else e}); pass the "
-                             "metrics.jsonl of a run (or delete that line)") from None
-        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
-            raise ValueError(f"{mpath}:{i}: not a metrics record (an object with a 'step'); pass the metrics.jsonl "
-                             "of a run (or delete that line)")
-        recs.append(r)
+    recs, torn = read_metrics(mpath)
+    if torn:
+        print(f"zo-deepspeed plot: note: {mpath}: skipped a torn last line (a crash mid-write)", file=sys.stderr)
     if not recs:
         raise ValueError(f"{mpath} holds no records yet; plot a run that has taken steps")
     return recs

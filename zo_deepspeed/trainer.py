@@ -25,7 +25,7 @@ from .guard import check_run_dir
 from .distributed import shard, shard_range
 from .evaluate import EvalResult, Evaluator
 from .fsutil import atomic_write_text
-from .monitor import MetricsLog
+from .monitor import MetricsLog, truncate as truncate_metrics
 from .run_config import RunConfig
 from .tasks.objectives import Objective
 from .tasks.protocol import encoding_tokenizer
@@ -341,6 +341,13 @@ class Trainer:
                         f"{info.step} logged steps instead")
         else:
             self._print(f"resume: loaded {info.path.name} (step {info.step})")
+        # the metrics too, so that each step's record is there once (monitor.truncate); first, because a
+        # malformed line refuses the resume there, before the trajectory log is touched
+        if self.is_main:
+            dropped = truncate_metrics(self.run_dir / "metrics.jsonl", info.step)
+            if dropped:
+                self._print(f"resume: metrics.jsonl cut back to step {info.step} ({dropped} record(s) dropped; "
+                            "the resumed run writes them again)")
         # log records past the checkpoint ran after it and will run again; a torn or damaged line among
         # them (a crash) goes with them: the log then ends exactly where the weights are
         log = self.run_dir / "trajectory.jsonl"

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
 import long_run  # noqa: E402  (the owner of bench/long_run's arm format: the backprop reference is read with it)
+from zo_deepspeed.monitor import read_metrics  # noqa: E402  (the owner of metrics.jsonl)
 
 OUT = C.BENCH / "time_to_accuracy"
 PLOT = C.BENCH / "plots" / "time_to_accuracy.png"
@@ -144,7 +145,7 @@ def load_arm(d: Path) -> dict | None:
     """One arm's dev curve (step, wall s since its first step, dev accuracy), summary and s/step; None if unfinished."""
     if not (d / "summary.json").exists():
         return None
-    recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs, _ = read_metrics(d / "metrics.jsonl")  # a torn last line (a crash mid-write) is skipped
     # a resume runs again the steps past its checkpoint (all of them when the checkpoints are gone, e.g. in a
     # fresh checkout). The trainer now cuts metrics.jsonl back to the checkpoint (monitor.truncate), but the
     # committed arms were logged before it did, with each rerun step appended again: the last record of a
@@ -167,8 +168,7 @@ def load_arm(d: Path) -> dict | None:
     at = {r["step"]: r["time"] for r in steps}  # a dev evaluation runs after its step's record
     dev = sorted(((s, clock[s] + r["time"] - at[s], r["dev/accuracy"])
                   for (is_step, s), r in last.items() if not is_step and s in clock), key=lambda x: x[0])
-    return {"summary": json.loads((d / "summary.json").read_text()), "dev": dev,
-            "s_per_step": statistics.median(span) if span else float("nan")}
+    return {"summary": json.loads((d / "summary.json").read_text()), "dev": dev, "s_per_step": med}
 
 
 @dataclass(frozen=True)
